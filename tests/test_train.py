@@ -1,0 +1,365 @@
+"""The train step, the loop, checkpoints and resume, on the built-in digits.
+
+The end-to-end cases train a tiny ViT (hidden 16, one block) for a few steps
+through the real input pipeline; conftest gives every test 8 CPU devices.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits_pretrain
+from vit_jax import input_pipeline
+from vit_jax import metrics
+from vit_jax import optim
+from vit_jax import parallel
+from vit_jax import train
+from vit_jax import train_checkpoints
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**changes):
+  """digits_pretrain with a 1-block, width-16 model and a few steps."""
+  config = digits_pretrain.get_config()
+  config.model = digits_pretrain.digits_model(
+      hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, dropout_rate=0.1)
+  config.batch_size = 16
+  config.eval_batch_size = 120  # 360 test images: 3 batches, 15 per device.
+  config.total_steps = 4
+  config.warmup_steps = 1
+  config.log_every = 1
+  config.eval_every = 0
+  config.checkpoint_every = 2
+  config.update(changes)
+  return config
+
+
+def _train_losses(workdir):
+  """{step: loss} from metrics.jsonl (the later line wins on repeats)."""
+  losses = {}
+  with open(os.path.join(workdir, metrics.METRICS_FILE)) as f:
+    for line in f:
+      record = json.loads(line)
+      if 'train/loss' in record:
+        losses[record['step']] = record['train/loss']
+  return losses
+
+
+def _assert_trees_close(a, b, **tolerance):
+  flat_a, tree_a = jax.tree.flatten(a)
+  flat_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x, np.float32),
+                               np.asarray(y, np.float32), **tolerance)
+
+
+# ---------------------------------------------------------------------------
+# The step alone, on synthetic batches.
+
+
+def _synthetic_batch(batch_size, seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+      'image': rng.uniform(-1, 1, (batch_size, 8, 8, 1)).astype(np.float32),
+      'label': np.eye(10, dtype=np.float32)[rng.integers(0, 10, batch_size)],
+  }
+
+
+def _step_fixture(mesh, accum_steps=1, **changes):
+  config = tiny_config(optimizer='sgd', momentum_dtype='float32', lr=0.1,
+                       **changes)
+  config.model.dropout_rate = 0.0  # Micro-batches draw other dropout masks.
+  info = input_pipeline.DatasetInfo('synthetic', 10, 1000, {'test': 10}, None,
+                                    1)
+  model = train.build_model(config, info)
+  durations = optim.Durations(total_steps=10, warmup_steps=2)
+  schedule = optim.schedule_from_config(config, durations)
+  tx = optim.make_optimizer(config, schedule)
+  _, shardings = train.abstract_state(model, tx, (8, 8, 1), mesh)
+  state = train.create_train_state(model, tx, (8, 8, 1), mesh, shardings,
+                                   seed=0)
+  step = train.make_train_step(model, tx, schedule, mesh, shardings,
+                               accum_steps=accum_steps)
+  return state, step
+
+
+def _run_steps(state, step, mesh, batch_size, num_steps=3):
+  losses = []
+  for i in range(num_steps):
+    batch = parallel.global_batch(_synthetic_batch(batch_size, seed=i), mesh)
+    state, step_metrics = step(state, batch)
+    losses.append(float(step_metrics['loss']))
+  return state, losses
+
+
+def test_state_is_created_sharded_and_donated():
+  mesh = parallel.make_mesh()
+  state, step = _step_fixture(mesh)
+  kernel = state.params['head']['kernel']
+  assert kernel.sharding.is_equivalent_to(
+      parallel.replicated_sharding(mesh), kernel.ndim)
+  assert len(kernel.sharding.device_set) == jax.device_count() == 8
+  old_params = state.params
+  state, _ = step(state, parallel.global_batch(_synthetic_batch(16), mesh))
+  assert jax.tree.leaves(old_params)[0].is_deleted()  # Donated.
+  assert int(state.step) == 1
+
+
+def test_accumulation_equals_full_batch():
+  mesh = parallel.make_mesh()
+  full_state, full_step = _step_fixture(mesh, accum_steps=1)
+  accum_state, accum_step = _step_fixture(mesh, accum_steps=4)
+  full_state, full_losses = _run_steps(full_state, full_step, mesh, 32)
+  accum_state, accum_losses = _run_steps(accum_state, accum_step, mesh, 32)
+  np.testing.assert_allclose(accum_losses, full_losses, rtol=1e-5)
+  _assert_trees_close(accum_state.params, full_state.params, rtol=1e-4,
+                      atol=1e-6)
+
+
+def test_micro_batch_must_split_over_devices():
+  config = tiny_config(batch_size=16, accum_steps=4)
+  with pytest.raises(ValueError, match=r'batch_size / accum_steps=4 .*8 '
+                     'devices'):
+    train.validate_config(config, num_devices=8)
+  with pytest.raises(ValueError, match='batch_size=12 must be a positive '
+                     r'multiple of the device count \(8 devices\)'):
+    train.validate_config(tiny_config(batch_size=12), num_devices=8)
+
+
+def test_sigmoid_loss():
+  logits = jnp.array([[2.0, -1.0]])
+  labels = jnp.array([[1.0, 0.0]])
+  expected = np.log1p(np.exp(-2.0)) + np.log1p(np.exp(-1.0))
+  assert float(train.sigmoid_xent(logits, labels)[0]) == pytest.approx(
+      expected, rel=1e-6)
+
+
+def test_eval_step_counts_only_real_examples():
+  mesh = parallel.make_mesh()
+  state, _ = _step_fixture(mesh)
+  model = train.build_model(tiny_config(), input_pipeline.DatasetInfo(
+      'synthetic', 10, 1, {}, None, 1))
+  eval_step = train.make_eval_step(model, mesh,
+                                   parallel.replicated_sharding(mesh))
+  batch = _synthetic_batch(16)
+  batch['mask'] = np.array([1.0] * 11 + [0.0] * 5, np.float32)
+  sums = jax.device_get(eval_step(state.params,
+                                  parallel.global_batch(batch, mesh)))
+  assert int(sums['count']) == 11
+  # The zero-initialised head predicts class 0 everywhere.
+  assert int(sums['correct']) == int(np.sum(
+      batch['label'][:11].argmax(-1) == 0))
+
+
+# ---------------------------------------------------------------------------
+# The loop, on the real digits pipeline.
+
+
+@pytest.fixture(scope='module')
+def pretrained_workdir(tmp_path_factory):
+  """A finished 4-step run (checkpoints at 2 and 4), shared by tests."""
+  workdir = str(tmp_path_factory.mktemp('pretrained'))
+  results = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, results
+
+
+@pytest.mark.slow
+def test_train_eval_checkpoint_on_digits(pretrained_workdir):
+  workdir, results = pretrained_workdir
+  assert results['final_eval']['test/examples'] == 360  # Each example once.
+  assert 0 <= results['final_eval']['test/accuracy'] <= 1
+  assert results['final_step'] == 4 and results['train_img_per_sec'] > 0
+  for name in ('config.json', 'metrics.jsonl', 'results.json'):
+    assert os.path.isfile(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, metrics.TENSORBOARD_DIR))
+  assert sorted(_train_losses(workdir)) == [1, 2, 3, 4]
+  params, step = train_checkpoints.restore_params(workdir)
+  assert step == 4
+  assert params['head']['kernel'].shape == (16, 10)
+  assert isinstance(params['head']['kernel'], np.ndarray)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['hidden_size'] == 16
+
+
+@pytest.mark.slow
+def test_keeps_the_last_n_checkpoints(tmp_path):
+  config = tiny_config(total_steps=6, checkpoint_every=1, keep_checkpoints=2,
+                       log_every=3)
+  train.train_and_evaluate(config, str(tmp_path))
+  checkpointer = train_checkpoints.Checkpointer(str(tmp_path), keep=2)
+  assert checkpointer.all_steps() == [5, 6]
+  checkpointer.close()
+
+
+class _Interrupted(Exception):
+  pass
+
+
+def _iterator_stopping_after(num_batches, monkeypatch):
+  """Makes the train iterator raise after `num_batches` (a crash)."""
+  real = input_pipeline.make_train_iterator
+
+  def stopping(*args, **kwargs):
+    batches = real(*args, **kwargs)
+    for _ in range(num_batches):
+      yield next(batches)
+    raise _Interrupted()
+
+  monkeypatch.setattr(input_pipeline, 'make_train_iterator', stopping)
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+  config = tiny_config(total_steps=6, checkpoint_every=3)
+  straight = str(tmp_path / 'straight')
+  train.train_and_evaluate(config, straight)
+
+  resumed = str(tmp_path / 'resumed')
+  with monkeypatch.context() as patch:
+    _iterator_stopping_after(4, patch)  # Step 3 is saved, step 4 crashes.
+    with pytest.raises(_Interrupted):
+      train.train_and_evaluate(config, resumed)
+  assert train_checkpoints.restore_params(resumed)[1] == 3
+  train.train_and_evaluate(config, resumed)
+
+  straight_params, straight_step = train_checkpoints.restore_params(straight)
+  resumed_params, resumed_step = train_checkpoints.restore_params(resumed)
+  assert straight_step == resumed_step == 6
+  _assert_trees_close(resumed_params, straight_params, rtol=1e-6, atol=1e-7)
+  straight_losses, resumed_losses = (_train_losses(straight),
+                                     _train_losses(resumed))
+  np.testing.assert_allclose([resumed_losses[s] for s in range(1, 7)],
+                             [straight_losses[s] for s in range(1, 7)],
+                             rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one_device(tmp_path):
+  config = tiny_config(total_steps=5, checkpoint_every=0)
+  one = train.train_and_evaluate(config, str(tmp_path / 'one'),
+                  mesh=parallel.make_mesh(jax.devices()[:1]))
+  eight = train.train_and_evaluate(config, str(tmp_path / 'eight'),
+                    mesh=parallel.make_mesh())
+  assert (one['num_devices'], eight['num_devices']) == (1, 8)
+  losses_one = _train_losses(str(tmp_path / 'one'))
+  losses_eight = _train_losses(str(tmp_path / 'eight'))
+  np.testing.assert_allclose([losses_eight[s] for s in range(1, 6)],
+                             [losses_one[s] for s in range(1, 6)], rtol=1e-5)
+  assert (eight['final_eval']['test/accuracy'] ==
+          one['final_eval']['test/accuracy'])
+
+
+def _iterator_poisoned_from(first_bad_batch, monkeypatch):
+  """Makes every train image NaN from batch `first_bad_batch` (0-based) on."""
+  real = input_pipeline.make_train_iterator
+
+  def poisoned(*args, **kwargs):
+    for index, batch in enumerate(real(*args, **kwargs)):
+      if index >= first_bad_batch:
+        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'make_train_iterator', poisoned)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('log_every', [1, 10])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path, monkeypatch, log_every):
+  # With log_every=1 the loss check stops step 3; with 10 the parameter
+  # check before the step-4 save does. Either way step 2 stays the latest.
+  config = tiny_config(total_steps=8, checkpoint_every=2, log_every=log_every)
+  _iterator_poisoned_from(2, monkeypatch)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'diverged at step [34].*last good checkpoint '
+                     r'\(step 2\)'):
+    train.train_and_evaluate(config, str(tmp_path))
+  params, step = train_checkpoints.restore_params(str(tmp_path))
+  assert step == 2
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_finetune_from_workdir_resamples_posemb(pretrained_workdir, tmp_path):
+  workdir, _ = pretrained_workdir
+  pretrained, _ = train_checkpoints.restore_params(workdir)
+  # lr 0: the saved params are exactly what the checkpoint surgery produced.
+  config = tiny_config(image_size=16, total_steps=1, init_from=workdir,
+                       optimizer='sgd', lr=0.0, warmup_steps=0)
+  train.train_and_evaluate(config, str(tmp_path))
+  finetuned, _ = train_checkpoints.restore_params(str(tmp_path))
+  posemb = finetuned['Transformer']['posembed_input']['pos_embedding']
+  assert posemb.shape == (1, 1 + 8 * 8, 16)  # 4x4 grid -> 8x8 grid.
+  np.testing.assert_array_equal(finetuned['head']['kernel'], 0.0)
+  block = 'encoderblock_0'
+  np.testing.assert_array_equal(
+      finetuned['Transformer'][block]['MlpBlock_3']['Dense_0']['kernel'],
+      pretrained['Transformer'][block]['MlpBlock_3']['Dense_0']['kernel'])
+
+
+def test_resume_with_a_different_model_is_refused(pretrained_workdir):
+  workdir, _ = pretrained_workdir
+  config_path = os.path.join(workdir, 'config.json')
+  with open(config_path, 'rb') as f:
+    before = f.read()
+  config = tiny_config()
+  config.model.hidden_size = 32
+  with pytest.raises(train_checkpoints.IncompatibleWorkdirError,
+                     match=r'different model \(model.hidden_size: 16 in the '
+                     r'workdir, 32 now\)'):
+    train.train_and_evaluate(config, workdir)
+  with open(config_path, 'rb') as f:
+    assert f.read() == before
+  assert train_checkpoints.restore_params(workdir)[1] == 4
+
+
+# ---------------------------------------------------------------------------
+# The command line.
+
+
+def _main(*args, timeout=240):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', TF_ENABLE_ONEDNN_OPTS='0')
+  return subprocess.run([sys.executable, '-m', 'vit_jax.main', *args],
+                        cwd=_REPO, capture_output=True, text=True, env=env,
+                        timeout=timeout, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('override,message', [
+    ('--config.lrr=0.1',
+     "--config.lrr=0.1: the config has no key 'lrr' (Did you mean \"lr\""),
+    ('--config.model.hiden_size=8', "the config has no key 'hiden_size'"),
+])
+def test_misspelled_override_fails_with_a_clear_message(tmp_path, override,
+                                                        message):
+  result = _main('--config=configs/digits_pretrain.py',
+                 f'--workdir={tmp_path}', override)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(os.path.join(tmp_path, 'config.json'))
+
+
+@pytest.mark.slow
+def test_main_trains_and_resumes_when_rerun(tmp_path):
+  tiny = ['--config=configs/digits_pretrain.py', f'--workdir={tmp_path}',
+          '--config.model.hidden_size=16', '--config.model.num_layers=1',
+          '--config.model.mlp_dim=32', '--config.batch_size=16',
+          '--config.eval_batch_size=120', '--config.log_every=1',
+          "--config.checkpoint_every=2", "--config.warmup_steps=1"]
+  first = _main(*tiny, '--config.total_steps=2')
+  assert first.returncode == 0, first.stderr
+  assert 'step 2/2' in first.stdout and 'done: step 2' in first.stdout
+  second = _main(*tiny, '--config.total_steps=3')
+  assert second.returncode == 0, second.stderr
+  assert 'resuming from step 2' in second.stdout
+  assert 'step 3/3' in second.stdout
+  assert train_checkpoints.restore_params(str(tmp_path))[1] == 3

@@ -1,0 +1,430 @@
+"""The Vision Transformer (Dosovitskiy et al., ICLR 2021) as Flax linen modules.
+
+Parameter names follow the released checkpoints exactly (for example
+`Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel`), so loading an official
+`.npz` is a flat-key join with '/' and nothing else. The defaults reproduce the
+official numerics: LayerNorm epsilon 1e-6, tanh-approximate GELU, queries scaled
+by 1/sqrt(head_dim), xavier-uniform kernels, position embeddings ~ N(0, 0.02).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models import resnet as resnet_lib
+
+Array = jax.Array
+Dtype = Any
+
+CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
+POSEMB_KINDS = ('learn', 'sincos2d')
+
+
+def dot_general_for(dtype: Dtype) -> Optional[Callable[..., Array]]:
+  """Returns a dot_general that accumulates low-precision matmuls in float32.
+
+  On CPUs with AVX-512 BF16 (and on GPUs/TPUs) a bf16 x bf16 -> f32 matmul runs
+  about twice as fast as a float32 one, while bf16 outputs lose accuracy.
+  Returns None (the library default) for float32 compute.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return None
+  return functools.partial(jax.lax.dot_general,
+                           preferred_element_type=jnp.float32)
+
+
+def conv_general_for(dtype: Dtype) -> Optional[Callable[..., Array]]:
+  """The convolution counterpart of `dot_general_for`."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return None
+  return functools.partial(jax.lax.conv_general_dilated,
+                           preferred_element_type=jnp.float32)
+
+
+def sincos2d_posemb(height: int, width: int, dim: int,
+                    temperature: float = 10_000.) -> Array:
+  """Fixed 2D sine-cosine position embeddings, shape (1, height*width, dim)."""
+  if dim % 4:
+    raise ValueError(f'sincos2d position embeddings need hidden_size % 4 == 0, '
+                     f'got hidden_size={dim}')
+  y, x = np.mgrid[:height, :width]
+  omega = 1. / temperature**(np.arange(dim // 4) / (dim // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None, :]
+  x = x.reshape(-1)[:, None] * omega[None, :]
+  table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(table[None], jnp.float32)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds learned position embeddings `pos_embedding` of shape (1, seq, dim)."""
+  posemb_init: Callable[..., Array] = nn.initializers.normal(stddev=0.02)
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    shape = (1,) + x.shape[1:]
+    if self.has_variable('params', 'pos_embedding'):
+      stored = self.get_variable('params', 'pos_embedding').shape
+      if stored != shape:
+        raise ValueError(
+            f'pos_embedding has shape {stored} but the input has {shape[1]} '
+            f'tokens of width {shape[2]}: resample the position embeddings '
+            'to the new patch grid (vit_jax.posemb.resample_posemb).')
+    posemb = self.param('pos_embedding', self.posemb_init, shape,
+                        self.param_dtype)
+    return x + posemb
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense -> dropout."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    dense = functools.partial(
+        nn.Dense,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        dot_general=dot_general_for(self.dtype),
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    out_dim = x.shape[-1]
+    x = dense(self.mlp_dim, name='Dense_0')(x)
+    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(out_dim, name='Dense_1')(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention with the official parameter layout.
+
+  `query`, `key` and `value` kernels are (dim, heads, head_dim) and `out` is
+  (heads, head_dim, dim), exactly as `flax.linen.MultiHeadDotProductAttention`
+  stores them in the released checkpoints. Written out here so the logits and
+  softmax stay in float32 under bfloat16 compute and so the attention weights
+  can be returned for visualisation.
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, *,
+               deterministic: bool) -> tuple[Array, Array]:
+    dim = inputs_q.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(f'hidden size {dim} is not divisible by num_heads='
+                       f'{self.num_heads}')
+    head_dim = dim // self.num_heads
+    project = functools.partial(
+        nn.DenseGeneral,
+        features=(self.num_heads, head_dim),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        dot_general=dot_general_for(self.dtype),
+        kernel_init=nn.initializers.xavier_uniform())
+    query = project(name='query')(inputs_q) / np.sqrt(head_dim).astype(
+        np.float32)
+    key = project(name='key')(inputs_kv)
+    value = project(name='value')(inputs_kv)
+    query, key, value = (t.astype(self.dtype) for t in (query, key, value))
+
+    logits = jnp.einsum('...qhd,...khd->...hqk', query, key,
+                        preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1)
+    dropped = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    mixed = jnp.einsum('...hqk,...khd->...qhd', dropped.astype(self.dtype),
+                       value, preferred_element_type=jnp.float32)
+    out = nn.DenseGeneral(
+        features=dim,
+        axis=(-2, -1),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        dot_general=dot_general_for(self.dtype),
+        kernel_init=nn.initializers.xavier_uniform(),
+        name='out')(mixed)
+    return out, weights
+
+
+class Encoder1DBlock(nn.Module):
+  """A pre-LayerNorm transformer block, named as in the released checkpoints."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  layer_norm_epsilon: float = 1e-6
+  gelu_approximate: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Array, deterministic: bool) -> tuple[Array, Array]:
+    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_epsilon,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
+    # Stochastic depth drops a whole residual branch per example.
+    drop_path = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))
+
+    x = norm(name='LayerNorm_0')(inputs)
+    x, weights = MultiHeadDotProductAttention(
+        num_heads=self.num_heads,
+        dropout_rate=self.attention_dropout_rate,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='MultiHeadDotProductAttention_1')(
+            x, x, deterministic=deterministic)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = inputs + drop_path(x, deterministic=deterministic)
+
+    y = norm(name='LayerNorm_2')(x)
+    y = MlpBlock(
+        mlp_dim=self.mlp_dim,
+        dropout_rate=self.dropout_rate,
+        gelu_approximate=self.gelu_approximate,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='MlpBlock_3')(
+            y, deterministic=deterministic)
+    return x + drop_path(y, deterministic=deterministic), weights
+
+
+class Encoder(nn.Module):
+  """Position embeddings, `num_layers` blocks and the final `encoder_norm`."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  layer_norm_epsilon: float = 1e-6
+  gelu_approximate: bool = True
+  add_position_embedding: bool = True
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> tuple[Array, dict[str, Any]]:
+    if self.add_position_embedding:
+      x = AddPositionEmbs(param_dtype=self.param_dtype,
+                          name='posembed_input')(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+    # `deterministic` is argument 2 counting `self`; remat needs it static.
+    block_cls = (nn.remat(Encoder1DBlock, static_argnums=(2,))
+                 if self.remat else Encoder1DBlock)
+    blocks, attention = [], []
+    for i in range(self.num_layers):
+      # Stochastic depth grows linearly from 0 at the first block.
+      rate = self.stochastic_depth * i / max(self.num_layers - 1, 1)
+      x, weights = block_cls(
+          mlp_dim=self.mlp_dim,
+          num_heads=self.num_heads,
+          dropout_rate=self.dropout_rate,
+          attention_dropout_rate=self.attention_dropout_rate,
+          drop_path_rate=rate,
+          layer_norm_epsilon=self.layer_norm_epsilon,
+          gelu_approximate=self.gelu_approximate,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f'encoderblock_{i}')(x, not train)
+      blocks.append(x)
+      attention.append(weights)
+    encoded = nn.LayerNorm(epsilon=self.layer_norm_epsilon,
+                           param_dtype=self.param_dtype,
+                           name='encoder_norm')(x)
+    return encoded, {'blocks': blocks, 'attention_weights': attention}
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling: a learned probe attends over the tokens."""
+  mlp_dim: int
+  num_heads: int
+  layer_norm_epsilon: float = 1e-6
+  gelu_approximate: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    probe = self.param('probe', nn.initializers.xavier_uniform(),
+                       (1, 1, x.shape[-1]), self.param_dtype)
+    probe = jnp.broadcast_to(probe, (x.shape[0], 1, x.shape[-1]))
+    x, _ = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype,
+        param_dtype=self.param_dtype)(probe, x, deterministic=True)
+    y = nn.LayerNorm(epsilon=self.layer_norm_epsilon,
+                     param_dtype=self.param_dtype)(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim,
+                     gelu_approximate=self.gelu_approximate,
+                     dtype=self.dtype,
+                     param_dtype=self.param_dtype)(y, deterministic=True)
+    return x[:, 0]
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier: (optional ResNet stem) -> patches -> encoder -> head.
+
+  Attributes:
+    num_classes: size of the `head`; 0 or None returns the pre-logits.
+    patch_size: (height, width) of a patch, on the ResNet output for hybrids.
+    hidden_size, num_layers, num_heads, mlp_dim: the transformer's shape.
+    classifier: 'token' (class token), 'gap' (mean of the tokens), 'map'
+      (attention pooling), 'unpooled' (all patch tokens) or 'token_unpooled'
+      (class token plus patch tokens, unpooled).
+    representation_size: width of the tanh `pre_logits` layer, or None.
+    posemb: 'learn' (official) or 'sincos2d' (fixed, no parameters).
+    resnet: a `ResNetSpec` for R+ViT hybrids, or None.
+    dropout_rate, attention_dropout_rate, stochastic_depth: regularisation;
+      the drop-path rate grows linearly over depth up to `stochastic_depth`.
+    layer_norm_epsilon, gelu_approximate: 1e-6 and True are the official
+      numerics; HF checkpoints use 1e-12 and exact-erf GELU.
+    head_bias_init: constant initial bias of the zero-initialised head.
+    remat: recompute each block in the backward pass to save memory.
+    dtype: compute dtype (bfloat16 for mixed precision); param_dtype: storage.
+  """
+  num_classes: Optional[int]
+  patch_size: tuple[int, int]
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  classifier: str = 'token'
+  representation_size: Optional[int] = None
+  posemb: str = 'learn'
+  resnet: Optional[resnet_lib.ResNetSpec] = None
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  layer_norm_epsilon: float = 1e-6
+  gelu_approximate: bool = True
+  head_bias_init: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f'unknown classifier {self.classifier!r}; '
+                       f'known: {", ".join(CLASSIFIERS)}')
+    if self.posemb not in POSEMB_KINDS:
+      raise ValueError(f'unknown posemb {self.posemb!r}; '
+                       f'known: {", ".join(POSEMB_KINDS)}')
+    super().__post_init__()
+
+  @property
+  def has_class_token(self) -> bool:
+    return self.classifier in ('token', 'token_unpooled')
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool = False,
+               return_intermediates: bool = False):
+    """Classifies `images` of shape (batch, height, width, channels).
+
+    Returns the logits, or `(logits, intermediates)` when
+    `return_intermediates` is set: a dict with the patch grid size
+    (`grid`), every block's output (`blocks`), every block's attention
+    weights (`attention_weights`, each (batch, heads, tokens, tokens)), the
+    normalised encoder output (`encoded`) and the pooled features
+    (`pre_logits`).
+    """
+    x = images.astype(self.dtype)
+    if self.resnet is not None:
+      x = resnet_lib.ResNetStem(spec=self.resnet, dtype=self.dtype,
+                                param_dtype=self.param_dtype)(x)
+    x = self._embed_patches(x)
+    batch, grid_h, grid_w, dim = x.shape
+    x = jnp.reshape(x, (batch, grid_h * grid_w, dim))
+    if self.posemb == 'sincos2d':
+      x = x + sincos2d_posemb(grid_h, grid_w, dim).astype(x.dtype)
+    if self.has_class_token:
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, dim),
+                       self.param_dtype)
+      x = jnp.concatenate(
+          [jnp.broadcast_to(cls, (batch, 1, dim)).astype(x.dtype), x], axis=1)
+
+    encoded, intermediates = Encoder(
+        num_layers=self.num_layers,
+        mlp_dim=self.mlp_dim,
+        num_heads=self.num_heads,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        stochastic_depth=self.stochastic_depth,
+        layer_norm_epsilon=self.layer_norm_epsilon,
+        gelu_approximate=self.gelu_approximate,
+        add_position_embedding=self.posemb == 'learn',
+        remat=self.remat,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='Transformer')(x, train=train)
+
+    features = self._pool(encoded)
+    if self.representation_size is not None:
+      features = nn.tanh(nn.Dense(self.representation_size,
+                                  param_dtype=self.param_dtype,
+                                  name='pre_logits')(features))
+    logits = features
+    if self.num_classes:
+      logits = nn.Dense(
+          self.num_classes,
+          param_dtype=self.param_dtype,
+          kernel_init=nn.initializers.zeros,
+          bias_init=nn.initializers.constant(self.head_bias_init),
+          name='head')(features)
+    logits = logits.astype(jnp.float32)
+    if not return_intermediates:
+      return logits
+    intermediates.update(grid=(grid_h, grid_w), encoded=encoded,
+                         pre_logits=features)
+    return logits, intermediates
+
+  def _embed_patches(self, x: Array) -> Array:
+    height, width = x.shape[1:3]
+    patch_h, patch_w = self.patch_size
+    if height % patch_h or width % patch_w:
+      raise ValueError(
+          f'input of {height}x{width} (after any ResNet stem) is not divisible '
+          f'by the patch size {patch_h}x{patch_w}')
+    return nn.Conv(
+        self.hidden_size,
+        kernel_size=self.patch_size,
+        strides=self.patch_size,
+        padding='VALID',
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        conv_general_dilated=conv_general_for(self.dtype),
+        name='embedding')(x)
+
+  def _pool(self, encoded: Array) -> Array:
+    if self.classifier == 'token':
+      return encoded[:, 0]
+    if self.classifier == 'gap':
+      return jnp.mean(encoded, axis=1)
+    if self.classifier == 'map':
+      return MAPHead(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                     layer_norm_epsilon=self.layer_norm_epsilon,
+                     gelu_approximate=self.gelu_approximate,
+                     dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='MAPHead_0')(encoded)
+    return encoded  # 'unpooled' and 'token_unpooled' keep every token.
+
+
+def count_params(params) -> int:
+  """Number of scalars in a parameter tree (works on ShapeDtypeStructs)."""
+  return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def replace(model: VisionTransformer, **changes) -> VisionTransformer:
+  """A copy of `model` with some attributes changed (e.g. dtype, remat)."""
+  return dataclasses.replace(model, **changes)

@@ -1,0 +1,193 @@
+"""Train-state checkpoints (orbax) and the workdir's `config.json`.
+
+Layout: `workdir/checkpoints/<step>/{params,opt_state,meta}`, written by an
+orbax `CheckpointManager`: asynchronously (the device-to-host copy blocks, the
+write does not), atomically (a step directory appears only once complete), and
+keeping the last `keep` steps. Params, optimizer state and the small `meta`
+item (step and RNG) are separate items, so `restore_params` reads the
+parameters without knowing which optimizer wrote them.
+
+The data position needs no saving: the input pipeline's order is a function
+of (seed, step).
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = 'checkpoints'
+CONFIG_FILE = 'config.json'
+_ITEMS = ('params', 'opt_state', 'meta')
+
+# Model-config keys that change neither parameter shapes nor their meaning:
+# a run may resume with these changed.
+_RESUMABLE_MODEL_KEYS = frozenset({
+    'dropout_rate', 'attention_dropout_rate', 'stochastic_depth', 'remat',
+    'dtype'})
+# Top-level keys that change parameter shapes (class count, patch grid).
+_SHAPE_KEYS = ('dataset', 'image_size')
+
+
+class IncompatibleWorkdirError(ValueError):
+  """The workdir holds a run whose model differs from the config's."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where a workdir's checkpoints live."""
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+class Checkpointer:
+  """Saves and restores train states in `workdir/checkpoints`.
+
+  The state is any pytree dataclass with fields `params`, `opt_state`, `step`
+  and `rng` and a `replace` method (`train.TrainState`).
+
+  Args:
+    workdir: the run's directory.
+    keep: how many of the latest checkpoints to keep.
+  """
+
+  def __init__(self, workdir: str, *, keep: int):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True,
+        # Removes half-written step directories left by a killed run.
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir), item_names=_ITEMS, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Steps of all complete checkpoints, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any) -> None:
+    """Starts saving `state` as `step`; returns once it is safe to donate it."""
+    meta = {'step': state.step, 'rng': state.rng}
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.StandardSave(meta)),
+        force=True)  # The training loop decides the cadence.
+
+  def restore(self, step: int, target: Any) -> Any:
+    """Restores checkpoint `step` into the shapes/shardings of `target`.
+
+    `target` is a state of `jax.ShapeDtypeStruct`s carrying shardings, so each
+    array is read straight onto its devices.
+    """
+    meta = {'step': target.step, 'rng': target.rng}
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target.params),
+            opt_state=ocp.args.StandardRestore(target.opt_state),
+            meta=ocp.args.StandardRestore(meta)))
+    return target.replace(params=restored['params'],
+                          opt_state=restored['opt_state'],
+                          step=restored['meta']['step'],
+                          rng=restored['meta']['rng'])
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_params(workdir: str,
+                   step: Optional[int] = None) -> tuple[Any, int]:
+  """Reads only the parameters of a training workdir's checkpoint.
+
+  Args:
+    workdir: a directory written by `vit_jax.main` (or its `checkpoints`
+      subdirectory).
+    step: which checkpoint; None for the latest.
+
+  Returns:
+    (params as a nested dict of numpy arrays, the checkpoint's step).
+  """
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory) and os.path.basename(
+      os.path.normpath(workdir)) == CHECKPOINT_DIR:
+    directory = os.path.abspath(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoints in {workdir} (looked for '
+                            f'{directory})')
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    steps = manager.all_steps()
+    if step is None:
+      step = manager.latest_step()
+    if step is None or step not in steps:
+      raise FileNotFoundError(
+          f'no checkpoint for step {step} in {directory}; available: '
+          f'{sorted(steps) or "none"}')
+    restored = manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  finally:
+    manager.close()
+  params = jax.tree.map(np.asarray, jax.device_get(restored['params']))
+  return params, step
+
+
+def _json_config(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON values (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def _shape_defining(config_json: dict) -> dict:
+  """The parts of a config that define the parameters' shapes and meaning."""
+  model = config_json.get('model') or {}
+  defining = {f'model.{key}': value for key, value in model.items()
+              if key not in _RESUMABLE_MODEL_KEYS}
+  defining.update({key: config_json.get(key) for key in _SHAPE_KEYS})
+  return defining
+
+
+def check_workdir_config(workdir: str,
+                         config: ml_collections.ConfigDict) -> None:
+  """Refuses a workdir whose saved config describes a different model.
+
+  Raises `IncompatibleWorkdirError` naming the differing keys; nothing in the
+  workdir is touched.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _shape_defining(json.load(f))
+  current = _shape_defining(_json_config(config))
+  differences = [f'{key}: {saved.get(key)!r} in the workdir, {value!r} now'
+                 for key, value in sorted(current.items())
+                 if saved.get(key) != value]
+  if differences:
+    raise IncompatibleWorkdirError(
+        f'{workdir} holds a run of a different model ({"; ".join(differences)})'
+        '; use a new --workdir to start a new run. Nothing was changed.')
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes the resolved config as `workdir/config.json` (process 0)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(_json_config(config), f, indent=2, sort_keys=True)
+    f.write('\n')
+  os.replace(path + '.tmp', path)
