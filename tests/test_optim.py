@@ -98,7 +98,8 @@ def test_weight_decay_mask_covers_kernels_only(classifier):
   decayed = {name for name, on in mask.items() if on}
   assert decayed == {name for name in mask if name.endswith('/kernel')}
   for name in ('Transformer/posembed_input/pos_embedding',
-               'Transformer/encoder_norm/scale', 'Transformer/encoder_norm/bias',
+               'Transformer/encoder_norm/scale',
+               'Transformer/encoder_norm/bias',
                'Transformer/encoderblock_0/LayerNorm_0/scale',
                'Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias',
                'embedding/bias', 'head/bias'):

@@ -6,6 +6,7 @@ through the real input pipeline; conftest gives every test 8 CPU devices.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,10 +74,10 @@ def _synthetic_batch(batch_size, seed=0):
   }
 
 
-def _step_fixture(mesh, accum_steps=1, **changes):
-  config = tiny_config(optimizer='sgd', momentum_dtype='float32', lr=0.1,
-                       **changes)
+def _step_fixture(mesh, accum_steps=1, model_dtype='float32'):
+  config = tiny_config(optimizer='sgd', momentum_dtype='float32', lr=0.1)
   config.model.dropout_rate = 0.0  # Micro-batches draw other dropout masks.
+  config.model.dtype = model_dtype
   info = input_pipeline.DatasetInfo('synthetic', 10, 1000, {'test': 10}, None,
                                     1)
   model = train.build_model(config, info)
@@ -124,6 +125,15 @@ def test_accumulation_equals_full_batch():
                       atol=1e-6)
 
 
+def test_bfloat16_compute_keeps_float32_params():
+  mesh = parallel.make_mesh()
+  state, step = _step_fixture(mesh, model_dtype='bfloat16')
+  state, losses = _run_steps(state, step, mesh, 16, num_steps=2)
+  assert all(np.isfinite(losses))
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {
+      jnp.dtype(jnp.float32)}
+
+
 def test_micro_batch_must_split_over_devices():
   config = tiny_config(batch_size=16, accum_steps=4)
   with pytest.raises(ValueError, match=r'batch_size / accum_steps=4 .*8 '
@@ -163,40 +173,67 @@ def test_eval_step_counts_only_real_examples():
 # The loop, on the real digits pipeline.
 
 
+def _main(*args, timeout=300):
+  """Runs `python -m vit_jax.main` from the repository (1 CPU device)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', TF_ENABLE_ONEDNN_OPTS='0')
+  return subprocess.run([sys.executable, '-m', 'vit_jax.main', *args],
+                        cwd=_REPO, capture_output=True, text=True, env=env,
+                        timeout=timeout, check=False)
+
+
+def _tiny_flags(workdir, total_steps):
+  """Command-line twin of `tiny_config`, checkpointing every step."""
+  return ['--config=configs/digits_pretrain.py', f'--workdir={workdir}',
+          '--config.model.hidden_size=16', '--config.model.num_layers=1',
+          '--config.model.num_heads=2', '--config.model.mlp_dim=32',
+          '--config.model.dropout_rate=0.1', '--config.batch_size=16',
+          '--config.eval_batch_size=120', f'--config.total_steps={total_steps}',
+          '--config.warmup_steps=1', '--config.log_every=1',
+          '--config.eval_every=0', '--config.checkpoint_every=1',
+          '--config.keep_checkpoints=2']
+
+
 @pytest.fixture(scope='module')
 def pretrained_workdir(tmp_path_factory):
-  """A finished 4-step run (checkpoints at 2 and 4), shared by tests."""
+  """A finished 4-step run of `python -m vit_jax.main`, shared by tests."""
   workdir = str(tmp_path_factory.mktemp('pretrained'))
-  results = train.train_and_evaluate(tiny_config(), workdir)
-  return workdir, results
+  result = _main(*_tiny_flags(workdir, total_steps=4))
+  assert result.returncode == 0, result.stderr
+  return workdir, result.stdout
 
 
 @pytest.mark.slow
-def test_train_eval_checkpoint_on_digits(pretrained_workdir):
-  workdir, results = pretrained_workdir
+def test_main_trains_evaluates_and_checkpoints(pretrained_workdir):
+  workdir, stdout = pretrained_workdir
+  assert 'step 4/4 (100%) | loss' in stdout and 'done: step 4' in stdout
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
   assert results['final_eval']['test/examples'] == 360  # Each example once.
   assert 0 <= results['final_eval']['test/accuracy'] <= 1
   assert results['final_step'] == 4 and results['train_img_per_sec'] > 0
-  for name in ('config.json', 'metrics.jsonl', 'results.json'):
-    assert os.path.isfile(os.path.join(workdir, name)), name
-  assert os.listdir(os.path.join(workdir, metrics.TENSORBOARD_DIR))
-  assert sorted(_train_losses(workdir)) == [1, 2, 3, 4]
-  params, step = train_checkpoints.restore_params(workdir)
-  assert step == 4
-  assert params['head']['kernel'].shape == (16, 10)
-  assert isinstance(params['head']['kernel'], np.ndarray)
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['model']['hidden_size'] == 16
+  assert os.listdir(os.path.join(workdir, metrics.TENSORBOARD_DIR))
+  assert sorted(_train_losses(workdir)) == [1, 2, 3, 4]
+  assert os.path.isfile(os.path.join(workdir, input_pipeline.CLASS_NAMES_FILE))
+  checkpointer = train_checkpoints.Checkpointer(workdir, keep=2)
+  assert checkpointer.all_steps() == [3, 4]  # keep_checkpoints=2.
+  checkpointer.close()
+  params, step = train_checkpoints.restore_params(workdir)
+  assert step == 4
+  assert isinstance(params['head']['kernel'], np.ndarray)
+  assert params['head']['kernel'].shape == (16, 10)
 
 
 @pytest.mark.slow
-def test_keeps_the_last_n_checkpoints(tmp_path):
-  config = tiny_config(total_steps=6, checkpoint_every=1, keep_checkpoints=2,
-                       log_every=3)
-  train.train_and_evaluate(config, str(tmp_path))
-  checkpointer = train_checkpoints.Checkpointer(str(tmp_path), keep=2)
-  assert checkpointer.all_steps() == [5, 6]
-  checkpointer.close()
+def test_main_resumes_when_rerun(pretrained_workdir, tmp_path):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(pretrained_workdir[0], workdir)
+  result = _main(*_tiny_flags(workdir, total_steps=5))
+  assert result.returncode == 0, result.stderr
+  assert 'resuming from step 4' in result.stdout
+  assert 'step 5/5' in result.stdout and 'step 4/' not in result.stdout
+  assert train_checkpoints.restore_params(workdir)[1] == 5
 
 
 class _Interrupted(Exception):
@@ -241,20 +278,37 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
                              rtol=1e-6)
 
 
+def _loop_fixture(config, mesh):
+  """The real set-up of a run (model, optimizer, jitted step) on `mesh`."""
+  info = input_pipeline.get_dataset_info(config)
+  durations = optim.resolve_durations(config, info.num_train_examples)
+  model = train.build_model(config, info)
+  schedule = optim.schedule_from_config(config, durations)
+  tx = optim.make_optimizer(config, schedule)
+  shape = train.input_shape(config, info)
+  _, shardings = train.abstract_state(model, tx, shape, mesh)
+  state = train.create_train_state(model, tx, shape, mesh, shardings,
+                                   config.seed)
+  return state, train.make_train_step(model, tx, schedule, mesh, shardings,
+                                      loss=config.loss)
+
+
 @pytest.mark.slow
-def test_eight_devices_match_one_device(tmp_path):
-  config = tiny_config(total_steps=5, checkpoint_every=0)
-  one = train.train_and_evaluate(config, str(tmp_path / 'one'),
-                  mesh=parallel.make_mesh(jax.devices()[:1]))
-  eight = train.train_and_evaluate(config, str(tmp_path / 'eight'),
-                    mesh=parallel.make_mesh())
-  assert (one['num_devices'], eight['num_devices']) == (1, 8)
-  losses_one = _train_losses(str(tmp_path / 'one'))
-  losses_eight = _train_losses(str(tmp_path / 'eight'))
-  np.testing.assert_allclose([losses_eight[s] for s in range(1, 6)],
-                             [losses_one[s] for s in range(1, 6)], rtol=1e-5)
-  assert (eight['final_eval']['test/accuracy'] ==
-          one['final_eval']['test/accuracy'])
+def test_eight_devices_match_one_device():
+  # Real digits batches, dropout on: the masks must not depend on sharding.
+  config = tiny_config(total_steps=5)
+  batches = input_pipeline.make_train_iterator(config, global_batch_size=16)
+  batches = [next(batches) for _ in range(config.total_steps)]
+  losses = {}
+  for num_devices in (1, 8):
+    mesh = parallel.make_mesh(jax.devices()[:num_devices])
+    state, step = _loop_fixture(config, mesh)
+    losses[num_devices] = []
+    for batch in batches:
+      state, step_metrics = step(state, parallel.global_batch(batch, mesh))
+      losses[num_devices].append(float(step_metrics['loss']))
+  assert len(set(losses[1])) == 5  # The loss moves: training happens.
+  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
 
 
 def _iterator_poisoned_from(first_bad_batch, monkeypatch):
@@ -276,7 +330,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     tmp_path, monkeypatch, log_every):
   # With log_every=1 the loss check stops step 3; with 10 the parameter
   # check before the step-4 save does. Either way step 2 stays the latest.
-  config = tiny_config(total_steps=8, checkpoint_every=2, log_every=log_every)
+  config = tiny_config(total_steps=5, checkpoint_every=2, log_every=log_every)
   _iterator_poisoned_from(2, monkeypatch)
   with pytest.raises(train.NonFiniteLossError,
                      match=r'diverged at step [34].*last good checkpoint '
@@ -305,6 +359,7 @@ def test_finetune_from_workdir_resamples_posemb(pretrained_workdir, tmp_path):
       pretrained['Transformer'][block]['MlpBlock_3']['Dense_0']['kernel'])
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_is_refused(pretrained_workdir):
   workdir, _ = pretrained_workdir
   config_path = os.path.join(workdir, 'config.json')
@@ -325,13 +380,6 @@ def test_resume_with_a_different_model_is_refused(pretrained_workdir):
 # The command line.
 
 
-def _main(*args, timeout=240):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', TF_ENABLE_ONEDNN_OPTS='0')
-  return subprocess.run([sys.executable, '-m', 'vit_jax.main', *args],
-                        cwd=_REPO, capture_output=True, text=True, env=env,
-                        timeout=timeout, check=False)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('override,message', [
     ('--config.lrr=0.1',
@@ -346,20 +394,3 @@ def test_misspelled_override_fails_with_a_clear_message(tmp_path, override,
   assert message in result.stderr
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(os.path.join(tmp_path, 'config.json'))
-
-
-@pytest.mark.slow
-def test_main_trains_and_resumes_when_rerun(tmp_path):
-  tiny = ['--config=configs/digits_pretrain.py', f'--workdir={tmp_path}',
-          '--config.model.hidden_size=16', '--config.model.num_layers=1',
-          '--config.model.mlp_dim=32', '--config.batch_size=16',
-          '--config.eval_batch_size=120', '--config.log_every=1',
-          "--config.checkpoint_every=2", "--config.warmup_steps=1"]
-  first = _main(*tiny, '--config.total_steps=2')
-  assert first.returncode == 0, first.stderr
-  assert 'step 2/2' in first.stdout and 'done: step 2' in first.stdout
-  second = _main(*tiny, '--config.total_steps=3')
-  assert second.returncode == 0, second.stderr
-  assert 'resuming from step 2' in second.stdout
-  assert 'step 3/3' in second.stdout
-  assert train_checkpoints.restore_params(str(tmp_path))[1] == 3

@@ -89,6 +89,10 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise CheckpointError(f'{path}: no such checkpoint file')
+  if not zipfile.is_zipfile(path) and not _is_npy(path):
+    # np.load would call any other file "pickled data", which misleads.
+    raise CheckpointError(f'{path}: not an .npz archive (not a zip file: '
+                          'truncated, corrupted or another format)')
   try:
     archive = np.load(path, allow_pickle=False)
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -103,6 +107,12 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   if not flat:
     raise CheckpointError(f'{path}: the .npz archive is empty')
   return flat
+
+
+def _is_npy(path: str) -> bool:
+  """Whether `path` starts like a single-array .npy file."""
+  with open(path, 'rb') as f:
+    return f.read(6) == b'\x93NUMPY'
 
 
 def _read_member(archive, key: str, path: str) -> np.ndarray:
@@ -690,8 +700,13 @@ def check_params(params: Mapping[str, Any], model_config: Any, *,
     raise _misfit(problems)
 
 
-def _misfit(problems: Sequence[str]) -> CheckpointError:
-  listing = '; '.join(problems)
+def _misfit(problems: Sequence[str],
+            shown: int = 6) -> CheckpointError:
+  """One line with the first `shown` problems and how many more there are."""
+  listing = '; '.join(problems[:shown])
+  if len(problems) > shown:
+    listing += f'; and {len(problems) - shown} more'
+
   return CheckpointError(f'the checkpoint does not fit the model '
                          f'({len(problems)} problem(s)): {listing}')
 

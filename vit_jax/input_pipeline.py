@@ -269,8 +269,11 @@ def _list_image_folder(root: str) -> _FolderListing:
   for split in splits:
     paths, labels, bad = _list_split(root, split, classes)
     if not paths:
+      unreadable = (f' ({len(bad)} unreadable, e.g. {bad[0]})' if bad
+                    else '')
       raise ValueError(f'image folder {root!r}: no readable '
-                       f'{"/".join(IMAGE_EXTENSIONS)} images in {split}/')
+                       f'{"/".join(IMAGE_EXTENSIONS)} images in '
+                       f'{split}/{unreadable}')
     files[split] = (tuple(paths), tuple(labels))
     skipped.extend(bad)
   if skipped:

@@ -7,7 +7,9 @@ The config is locked: overriding a key it does not define is an error. The
 workdir receives config.json, checkpoints/, tensorboard/, metrics.jsonl and
 results.json; running the same command again resumes from the latest
 checkpoint. Mistakes in the config or the inputs end the run with one line on
-stderr and exit status 1 (`--traceback` shows the full trace).
+stderr and exit status 1 (`--traceback` shows the full trace). SIGTERM
+saves a checkpoint at the current step and exits with status 75; rerunning
+resumes (see docs/multihost.md).
 """
 
 import os
@@ -121,16 +123,27 @@ def quiet_library_logs() -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
   """Exceptions that mean a wrong input, reported as one line."""
   # Imported here so that flag errors are reported before TensorFlow loads.
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from vit_jax import train
+  from vit_jax import train_checkpoints
+  # pylint: enable=g-import-not-at-top
   return (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
-          train.NonFiniteLossError)
+          train.NonFiniteLossError, train_checkpoints.CheckpointWriteError)
 
 
 def run_reporting_errors(job: Callable[[], T]) -> T:
-  """Runs `job`; a user error ends the program with one line (`fail`)."""
+  """Runs `job`; a user error ends the program with one line (`fail`).
+
+  A preempted run (SIGTERM, checkpoint saved) ends with one line and exit
+  status `preemption.EXIT_CODE` (75): not finished, rerun to resume.
+  """
   quiet_library_logs()
+  from vit_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
     return job()
+  except preemption.Preempted as stop:
+    print(str(stop), file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
   except user_errors() as error:
     if _TRACEBACK.value:
       raise
@@ -165,7 +178,9 @@ def main(argv: list[str]) -> None:
   if config is None:
     fail('--config is required, e.g. --config=configs/digits_pretrain.py')
   results = run_reporting_errors(lambda: run(config, workdir))
-  print(_summary(results), flush=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:  # The console belongs to process 0.
+    print(_summary(results), flush=True)
 
 
 if __name__ == '__main__':

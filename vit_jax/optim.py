@@ -107,7 +107,7 @@ def make_schedule(*, base_lr: float, total_steps: int, warmup_steps: int = 0,
 
 def schedule_from_config(config: ml_collections.ConfigDict,
                          durations: Durations) -> Schedule:
-  """The schedule described by `config.lr`, `config.schedule`, `config.end_lr`."""
+  """The schedule of `config.lr`, `config.schedule` and `config.end_lr`."""
   return make_schedule(base_lr=config.lr, total_steps=durations.total_steps,
                        warmup_steps=durations.warmup_steps,
                        decay=config.schedule, end_lr=config.end_lr)

@@ -15,14 +15,13 @@ ahead of them.
 import collections
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -33,6 +32,7 @@ from vit_jax import metrics as metrics_lib
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
+from vit_jax import preemption
 from vit_jax import train_checkpoints
 
 # Steps dispatched but not finished before the host waits for the oldest.
@@ -89,11 +89,18 @@ def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
 # Set-up: config checks, model, state.
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+def validate_config(config: ml_collections.ConfigDict,
+                    num_devices: int) -> None:
   """Raises ValueError with one clear sentence for an unusable config."""
   if config.loss not in LOSSES:
     raise ValueError(f'unknown loss {config.loss!r}; known: '
                      f'{", ".join(LOSSES)}')
+  for key in ('total_steps', 'total_epochs', 'batch_size'):
+    if config.get(key) is not None and config[key] <= 0:
+      raise ValueError(f'{key} must be positive, got {config[key]}')
+  for key in ('warmup_steps', 'warmup_epochs'):
+    if config.get(key) is not None and config[key] < 0:
+      raise ValueError(f'{key} must be 0 or positive, got {config[key]}')
   for key in ('log_every', 'accum_steps', 'keep_checkpoints'):
     if config[key] < 1:
       raise ValueError(f'{key} must be at least 1, got {config[key]}')
@@ -111,7 +118,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
                            'eval_batch_size')
 
 
+def validate_data(config: ml_collections.ConfigDict,
+                  info: input_pipeline.DatasetInfo) -> None:
+  """Raises ValueError when the dataset cannot fill one training batch."""
+  if config.batch_size > info.num_train_examples:
+    raise ValueError(f'batch_size={config.batch_size} is larger than the '
+                     f'train split of {info.name} ({info.num_train_examples} '
+                     'examples)')
+
+
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  """The global eval batch size (default: the training batch size)."""
   return config.eval_batch_size or config.batch_size
 
 
@@ -302,7 +319,8 @@ class Run:
   shardings: TrainState
   train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
   eval_step: Callable[[Any, Batch], Metrics]
-  checkpointer: train_checkpoints.Checkpointer
+  # Created once the inputs have proved usable (it writes to the workdir).
+  checkpointer: Optional[train_checkpoints.Checkpointer] = None
   logger: Optional[metrics_lib.MetricLogger] = None
 
   @property
@@ -312,11 +330,15 @@ class Run:
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str,
               mesh: Optional[Mesh] = None) -> Run:
-  """Checks the config and builds the model, optimizer and jitted steps."""
+  """Checks the config and builds the model, optimizer and jitted steps.
+
+  Writes nothing: the checkpointer is attached later (`open_workdir`).
+  """
   mesh = mesh or parallel.make_mesh()
-  info = input_pipeline.get_dataset_info(config)
-  durations = optim.resolve_durations(config, info.num_train_examples)
   validate_config(config, mesh.size)
+  info = input_pipeline.get_dataset_info(config)
+  validate_data(config, info)
+  durations = optim.resolve_durations(config, info.num_train_examples)
   model = build_model(config, info)
   schedule = optim.schedule_from_config(config, durations)
   tx = optim.make_optimizer(config, schedule)
@@ -330,35 +352,61 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str,
                                  loss=config.loss,
                                  accum_steps=config.accum_steps),
       eval_step=make_eval_step(model, mesh, shardings.params,
-                               loss=config.loss),
-      checkpointer=train_checkpoints.Checkpointer(
-          workdir, keep=config.keep_checkpoints))
+                               loss=config.loss))
 
 
 def _pretrained_params(config: ml_collections.ConfigDict,
-                       init_params: Any) -> Any:
+                       init_params: Any) -> tuple[Any, str]:
   """Loads `config.init_from` and adapts it to the model (fine-tuning).
 
-  The source may be an official .npz, a HF directory or a training workdir;
-  position embeddings are resampled to this run's patch grid and a head of
-  the wrong class count is re-initialised (`checkpoint.adapt_params`).
+  Returns the params and a summary of the surgery. The source may be an official .npz, a HF directory or a training workdir;
+  position embeddings are resampled to this run's patch grid
+  (`checkpoint.adapt_params`). With `init_reset_head` the head starts anew;
+  without it the checkpoint's head is kept, so a different class count is
+  an error rather than a silently new head.
   """
   # Imported here: only fine-tuning runs need the interchange formats.
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  loaded, _ = checkpoint.load_checkpoint(config.init_from)
-  params, report = checkpoint.adapt_params(
-      loaded, init_params, model_config=config.model,
-      posemb_method=config.init_posemb_method,
-      reinit_head=config.init_reset_head,
-      target_grid=checkpoint.patch_grid(config.model, image_size(config)))
-  if jax.process_index() == 0:
-    print(f'initialised from {config.init_from}: {report.summary()}',
-          flush=True)
-  return params
+  try:
+    loaded, _ = checkpoint.load_checkpoint(config.init_from)
+  except checkpoint.CheckpointError as error:
+    raise checkpoint.CheckpointError(f'init_from: {error}') from None
+  reset = config.init_reset_head
+  try:
+    params, report = checkpoint.adapt_params(
+        loaded, init_params, model_config=config.model,
+        posemb_method=config.init_posemb_method, reinit_head=reset,
+        drop=('head', 'pre_logits') if reset else ('pre_logits',),
+        target_grid=checkpoint.patch_grid(config.model, image_size(config)))
+  except checkpoint.CheckpointError as error:
+    hint = ''
+    if not reset and 'head/' in str(error):
+      hint = ("; init_reset_head=False keeps the checkpoint's head, which "
+              'needs the same class count (set --config.init_reset_head=True '
+              'for a new head)')
+    raise checkpoint.CheckpointError(
+        f'init_from {config.init_from}: {error}{hint}') from None
+  return params, report.summary()
 
 
-def initial_state(run: Run) -> TrainState:
-  """The latest checkpoint if there is one, else a fresh (or fine-tune) state."""
+def pretrained_params(run: Run) -> Optional[tuple[Any, str]]:
+  """`config.init_from` fitted to the model (host arrays) and a summary.
+
+  None without `init_from`. Read before anything is written to the workdir, even when the run will
+  resume instead, so that a wrong `init_from` fails on the first try.
+  """
+  if not run.config.init_from:
+    return None
+  # The fresh params supply shapes and the values of a re-initialised head.
+  init = _init_fn(run.model, run.tx, input_shape(run.config, run.info))
+  init_params = jax.jit(lambda rng: init(rng).params)(
+      jax.random.PRNGKey(run.config.seed))
+  return _pretrained_params(run.config, jax.device_get(init_params))
+
+
+def initial_state(run: Run,
+                  pretrained: Optional[tuple[Any, str]] = None) -> TrainState:
+  """The latest checkpoint if any, else a fresh state (with `pretrained`)."""
   latest = run.checkpointer.latest_step()
   if latest is not None:
     if jax.process_index() == 0:
@@ -367,8 +415,10 @@ def initial_state(run: Run) -> TrainState:
   state = create_train_state(run.model, run.tx, input_shape(run.config,
                                                             run.info),
                              run.mesh, run.shardings, run.config.seed)
-  if run.config.init_from:
-    params = _pretrained_params(run.config, jax.device_get(state.params))
+  if pretrained is not None:
+    params, summary = pretrained
+    if jax.process_index() == 0:
+      print(f'initialised from {run.config.init_from}: {summary}', flush=True)
     state = state.replace(params=jax.device_put(params, run.shardings.params))
   return state
 
@@ -466,6 +516,15 @@ def _periodic_actions(run: Run, step: int, state: TrainState,
   return eval_results
 
 
+def _stop_for_preemption(run: Run, step: int, state: TrainState) -> NoReturn:
+  """Saves `step` (unless just saved), waits for it, raises Preempted."""
+  if not _is_due(step, run.config.checkpoint_every, run.total_steps):
+    _save(run, step, state)
+  run.checkpointer.wait()  # The scheduler's SIGKILL may follow soon.
+  raise preemption.Preempted(step, run.total_steps,
+                             train_checkpoints.checkpoint_dir(run.workdir))
+
+
 def train_loop(run: Run, state: TrainState) -> tuple[TrainState, dict]:
   """Trains from `state.step` to the end; returns the state and final eval."""
   start = int(state.step)
@@ -476,16 +535,20 @@ def train_loop(run: Run, state: TrainState) -> tuple[TrainState, dict]:
   in_flight = collections.deque()
   run.logger.start_window(start)
   eval_results = {}
-  for step in range(start + 1, run.total_steps + 1):
-    batch = parallel.global_batch(next(batches), run.mesh)
-    state, step_metrics = run.train_step(state, batch)
-    window.add(step_metrics)
-    # Bounds how far the host runs ahead (each queued step holds a batch in
-    # device memory) without idling the devices: step s - 2 is done by now.
-    in_flight.append(step_metrics['loss'])
-    if len(in_flight) > _MAX_STEPS_IN_FLIGHT:
-      in_flight.popleft().block_until_ready()
-    eval_results = _periodic_actions(run, step, state, window) or eval_results
+  with preemption.PreemptionWatcher() as watcher:
+    for step in range(start + 1, run.total_steps + 1):
+      batch = parallel.global_batch(next(batches), run.mesh)
+      state, step_metrics = run.train_step(state, batch)
+      window.add(step_metrics)
+      # Bounds how far the host runs ahead (each queued step holds a batch
+      # in device memory) without idling the devices: step s - 2 is done.
+      in_flight.append(step_metrics['loss'])
+      if len(in_flight) > _MAX_STEPS_IN_FLIGHT:
+        in_flight.popleft().block_until_ready()
+      eval_results = (_periodic_actions(run, step, state, window) or
+                      eval_results)
+      if step < run.total_steps and watcher.reached(step):
+        _stop_for_preemption(run, step, state)
   if not eval_results and start >= run.total_steps:
     eval_results = evaluate(run, state.params)  # Rerun of a finished run.
   return state, eval_results
@@ -509,9 +572,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        mesh: Optional[Mesh] = None) -> dict:
   """Trains (resuming from `workdir` if possible), evaluates, checkpoints.
 
-  Refuses (IncompatibleWorkdirError) a workdir whose config.json describes a
-  different model; once the config has proved usable, writes it as
-  config.json.
+  Checks the config, the dataset and `init_from` first; then refuses
+  (IncompatibleWorkdirError) a workdir whose config.json describes a
+  different model, or one that cannot be written. Only then writes
+  config.json. A SIGTERM during training saves a checkpoint and raises
+  `preemption.Preempted`.
 
   Args:
     config: a config from `configs/` (see configs/common.py for its keys).
@@ -523,11 +588,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The contents of results.json.
   """
   start_time = time.time()
-  train_checkpoints.check_workdir_config(workdir, config)
+  # Every input is checked before the workdir is touched: a failed start
+  # leaves an existing run exactly as it was.
   run = setup_run(config, workdir, mesh)
+  pretrained = pretrained_params(run)
+  train_checkpoints.check_workdir_config(workdir, config)
+  train_checkpoints.check_workdir_writable(workdir)
+  run.checkpointer = train_checkpoints.Checkpointer(
+      workdir, keep=config.keep_checkpoints)
   try:
     train_checkpoints.write_config(workdir, config)
-    state = initial_state(run)
+    if jax.process_index() == 0:
+      input_pipeline.write_class_names(run.info, workdir)  # For predict/export.
+    state = initial_state(run, pretrained)
+    del pretrained  # Host copies, not needed once on the devices.
     run.logger = metrics_lib.MetricLogger(
         workdir, total_steps=run.total_steps, batch_size=config.batch_size)
     state, eval_results = train_loop(run, state)

@@ -13,6 +13,7 @@ of (seed, step).
 
 import json
 import os
+import tempfile
 from typing import Any, Optional
 
 import jax
@@ -37,6 +38,10 @@ class IncompatibleWorkdirError(ValueError):
   """The workdir holds a run whose model differs from the config's."""
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, read-only, ...)."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   """Where a workdir's checkpoints live."""
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
@@ -58,8 +63,20 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=True,
         # Removes half-written step directories left by a killed run.
         cleanup_tmp_directories=True)
+    self._directory = checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
-        checkpoint_dir(workdir), item_names=_ITEMS, options=options)
+        self._directory, item_names=_ITEMS, options=options)
+
+  def _write_failed(self, error: Exception) -> CheckpointWriteError:
+    """One line: what failed, and which complete checkpoints remain."""
+    # Listed from the directory: the manager may be in a failed state.
+    kept = sorted(int(name) for name in os.listdir(self._directory)
+                  if name.isdigit())
+    reason = str(error).strip().splitlines()[-1] if str(error).strip() else (
+        repr(error))
+    return CheckpointWriteError(
+        f'could not write a checkpoint in {self._directory}: {reason}; the '
+        f'complete checkpoints (steps {kept or "none"}) are untouched')
 
   def latest_step(self) -> Optional[int]:
     """The newest complete checkpoint's step, or None."""
@@ -72,13 +89,16 @@ class Checkpointer:
   def save(self, step: int, state: Any) -> None:
     """Starts saving `state` as `step`; returns once it is safe to donate it."""
     meta = {'step': state.step, 'rng': state.rng}
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.StandardSave(meta)),
-        force=True)  # The training loop decides the cadence.
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              params=ocp.args.StandardSave(state.params),
+              opt_state=ocp.args.StandardSave(state.opt_state),
+              meta=ocp.args.StandardSave(meta)),
+          force=True)  # The training loop decides the cadence.
+    except (OSError, ValueError) as error:  # Also a failed earlier save.
+      raise self._write_failed(error) from error
 
   def restore(self, step: int, target: Any) -> Any:
     """Restores checkpoint `step` into the shapes/shardings of `target`.
@@ -100,12 +120,17 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except (OSError, ValueError) as error:
+      raise self._write_failed(error) from error
 
   def close(self) -> None:
     """Finishes pending saves and releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def restore_params(workdir: str,
@@ -128,7 +153,9 @@ def restore_params(workdir: str,
     raise FileNotFoundError(f'no checkpoints in {workdir} (looked for '
                             f'{directory})')
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False))
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={name: ocp.StandardCheckpointHandler()
+                     for name in _ITEMS})
   try:
     steps = manager.all_steps()
     if step is None:
@@ -137,8 +164,16 @@ def restore_params(workdir: str,
       raise FileNotFoundError(
           f'no checkpoint for step {step} in {directory}; available: '
           f'{sorted(steps) or "none"}')
+    # Onto one local device: the saving run's devices (other hosts, another
+    # device count) need not exist here.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                          sharding=device),
+        manager.item_metadata(step)['params'])
     restored = manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+        step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target)))
   finally:
     manager.close()
   params = jax.tree.map(np.asarray, jax.device_get(restored['params']))
@@ -179,6 +214,24 @@ def check_workdir_config(workdir: str,
     raise IncompatibleWorkdirError(
         f'{workdir} holds a run of a different model ({"; ".join(differences)})'
         '; use a new --workdir to start a new run. Nothing was changed.')
+
+
+def check_workdir_writable(workdir: str) -> None:
+  """Creates `workdir` if needed; raises a one-line error if unwritable.
+
+  A probe file is written and removed, since permission bits do not tell
+  (root ignores them; a read-only mount does not show in them).
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f'--workdir {workdir} is a file, not a '
+                             'directory')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_probe'):
+      pass
+  except OSError as error:
+    raise PermissionError(f'--workdir {workdir} is not writable: '
+                          f'{error.strerror or error}') from None
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

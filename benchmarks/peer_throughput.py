@@ -1,0 +1,210 @@
+r"""Our train step side by side with HF transformers' PyTorch ViT, one process.
+
+    python benchmarks/peer_throughput.py                  # reference config
+    python benchmarks/peer_throughput.py --model Ti/16 --batch 32
+    python benchmarks/peer_throughput.py --smoke          # seconds
+
+Both train the same model on the same batch with the same kind of optimizer:
+SGD momentum 0.9, gradient clipping at global norm 1, lr 0.01 (ours keeps
+its momentum in bfloat16 as the official code does; torch.optim.SGD keeps
+it in float32). The peer is `transformers.ViTForImageClassification` with
+SDPA attention, tanh-GELU and LayerNorm epsilon 1e-6 (our numerics), in
+float32 with `torch.set_num_threads(cores)`.
+
+The two alternate in rounds (ours N steps, theirs N steps, the matmul
+ceilings, repeat), so a busy machine slows both alike and the ratio holds.
+GFLOP/s of both use the FLOPs of our compiled step from XLA's cost analysis
+(the same model, so the same arithmetic).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+# torch and HF's ViT (which pulls in torch._dynamo and triton) before
+# anything imports TensorFlow: in one process `import tensorflow` followed by
+# those imports segfaults, while the other order works.
+import torch
+from transformers import ViTConfig
+from transformers import ViTForImageClassification
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common
+from benchmarks import train_throughput
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+COLUMNS = (
+    common.Column('framework', 'framework'),
+    common.Column('images_per_s', 'img/s', '{:.1f}'),
+    common.Column('median_ms', 'median ms', '{:.1f}'),
+    common.Column('p10_ms', 'p10 ms', '{:.1f}'),
+    common.Column('p90_ms', 'p90 ms', '{:.1f}'),
+    common.Column('gflops', 'GFLOP/s', '{:.1f}'),
+    common.Column('pct_ceiling', '% ceil', '{:.0f}'),
+    common.Column('timed_steps', 'steps'),
+    common.Column('speedup', 'ours / this', '{:.2f}x'),
+)
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--model', default='reference',
+                      help='registry name, reference, digits or custom:...')
+  parser.add_argument('--image_size', type=int, default=None)
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--dtype', default='float32',
+                      help='our compute dtype (the peer stays float32)')
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--steps', type=int, default=5,
+                      help='timed steps per framework and round')
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--threads', type=int, default=os.cpu_count())
+  parser.add_argument('--smoke', action='store_true',
+                      help='tiny and fast: checks that the script runs')
+  parser.add_argument('--out', default=None)
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.model, args.batch, args.rounds, args.steps, args.warmup = (
+        'digits', 8, 2, 2, 1)
+  return args
+
+
+# ---------------------------------------------------------------------------
+# The peer: HF ViT in PyTorch.
+
+
+def hf_model(spec: common.ModelSpec) -> torch.nn.Module:
+  """`ViTForImageClassification` with our model's shape and numerics."""
+  config = spec.model_config
+  hf_config = ViTConfig(
+      hidden_size=config.hidden_size,
+      num_hidden_layers=config.num_layers,
+      num_attention_heads=config.num_heads,
+      intermediate_size=config.mlp_dim,
+      hidden_act='gelu_pytorch_tanh' if config.gelu_approximate else 'gelu',
+      layer_norm_eps=config.layer_norm_epsilon,
+      image_size=spec.image_size,
+      patch_size=config.patch_size[0],
+      num_channels=spec.channels,
+      num_labels=spec.num_classes,
+      hidden_dropout_prob=0.0,
+      attention_probs_dropout_prob=0.0,
+      attn_implementation='sdpa')
+  return ViTForImageClassification(hf_config).train()
+
+
+def torch_train_step(model: torch.nn.Module, batch: dict):
+  """A step function: forward, cross-entropy, backward, clip, SGD momentum."""
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+  images = torch.from_numpy(batch['image'].transpose(0, 3, 1, 2).copy())
+  labels = torch.from_numpy(batch['label'].argmax(-1))
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(pixel_values=images).logits
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()  # Waits for the step, like block_until_ready.
+
+  return step
+
+
+def torch_ceiling(size: int = 2048, repeats: int = 10) -> float:
+  """GFLOP/s of a float32 torch matmul (torch's own BLAS ceiling)."""
+  a, b = torch.randn(size, size), torch.randn(size, size)
+  torch.mm(a, b)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    torch.mm(a, b)
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / np.median(times) / 1e9
+
+
+# ---------------------------------------------------------------------------
+# Ours.
+
+
+def jax_train_step(spec: common.ModelSpec, batch_np: dict):
+  """(step function, XLA FLOPs of one step) for our train step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import parallel  # pylint: disable=g-import-not-at-top
+  step, state, mesh = train_throughput.build_train_step(
+      spec, {'accum': 1}, 'sgd')
+  batch = parallel.global_batch(batch_np, mesh)
+  compiled, _ = common.compile_step(step, state, batch)
+  holder = {'state': state}
+
+  def run():
+    holder['state'], metrics = compiled(holder['state'], batch)
+    return jax.block_until_ready(metrics)
+
+  return run, common.xla_flops(compiled)
+
+
+def _alternate(steps: dict, args) -> tuple[dict, list[dict]]:
+  """Times each framework `args.steps` steps per round, in turn."""
+  times = {name: [] for name in steps}
+  ceilings = []
+  for name, step in steps.items():
+    for _ in range(args.warmup):
+      step()
+  for round_index in range(args.rounds):
+    for name, step in steps.items():
+      times[name] += common.time_steps(step, warmup=0, steps=args.steps)
+    ceilings.append({**common.matmul_ceiling(repeats=5),
+                     'torch_f32_gflops': torch_ceiling(repeats=5)})
+    rates = ', '.join(f'{name} {args.batch / np.median(t[-args.steps:]):.1f}'
+                      for name, t in times.items())
+    print(f'round {round_index + 1}/{args.rounds}: img/s {rates}',
+          flush=True)
+  return times, ceilings
+
+
+def main(argv=None) -> int:
+  args = _parse_args(argv)
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  spec = common.model_spec(args.model, args.image_size, dtype=args.dtype)
+  batch = common.random_batch(spec, args.batch)
+  ours, flops = jax_train_step(spec, batch)
+  steps = {f'vit_jax (JAX, {args.dtype})': ours,
+           'HF transformers (PyTorch, float32, SDPA)': torch_train_step(
+               hf_model(spec), batch)}
+  times, ceilings = _alternate(steps, args)
+  ceiling = {key: float(np.median([c[key] for c in ceilings]))
+             for key in ceilings[0]}
+  rows = []
+  for name, step_times in times.items():
+    compared = common.ceiling_for(args.dtype, ceiling) if name.startswith(
+        'vit_jax') else ceiling['ceiling_f32_gflops']
+    rows.append({'framework': name, 'step_times_s': step_times,
+                 **common.step_row(name, args.batch, step_times, flops,
+                                   compared)})
+  for row in rows:
+    row['speedup'] = rows[0]['images_per_s'] / row['images_per_s']
+  print(f'\n{spec.name} batch {args.batch}: {args.rounds} rounds x '
+        f'{args.steps} steps each, alternating; torch threads '
+        f'{args.threads}')
+  print(common.format_table(rows, COLUMNS))
+  print('matmul ceiling (GFLOP/s, median of rounds): ' + ', '.join(
+      f'{key} {value:.0f}' for key, value in ceiling.items()))
+  common.write_json(args.out or common.default_out('peer_throughput',
+                                                   args.smoke),
+                    {'args': vars(args), 'ceilings': ceiling,
+                     'results': rows, 'peak_rss_mb': common.peak_rss_mb()})
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,126 @@
+"""The benchmark scripts run in their tiny --smoke mode and report properly.
+
+No timing assertions: the numbers depend on the machine and its load. Each
+script runs in a subprocess (as a user runs it) with its JSON sent to a
+temporary file, so the committed results are left alone.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_HEADERS = ('config', 'img/s', 'median ms', 'p10 ms', 'p90 ms',
+                'GFLOP/s', '% ceil', 'compile s', 'peak MB', 'XLA MB')
+STEP_KEYS = ('images_per_s', 'median_ms', 'p10_ms', 'p90_ms', 'gflops',
+             'pct_ceiling', 'compile_s', 'peak_rss_mb', 'xla_mb',
+             'ceiling_f32_gflops', 'ceiling_bf16_f32_gflops', 'step_gflop')
+
+
+def run_script(name, tmp_path, *args):
+  """Runs benchmarks/NAME --smoke; returns (stdout, JSON results)."""
+  out = tmp_path / f'{name}.json'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', name), '--smoke',
+       f'--out={out}', *args],
+      capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(out) as f:
+    return proc.stdout, json.load(f)
+
+
+def table_header(stdout, first_column):
+  """The header cells of the table whose first column is `first_column`."""
+  for line in stdout.splitlines():
+    if line.startswith(first_column + ' '):
+      return [cell.strip() for cell in line.split('  ') if cell.strip()]
+  raise AssertionError(f'no table starting with {first_column!r}:\n{stdout}')
+
+
+def assert_step_rows(results, count):
+  assert len(results) == count
+  for row in results:
+    assert 'error' not in row, row.get('error')
+    for key in STEP_KEYS:
+      assert row[key] > 0, key
+    assert row['p10_ms'] <= row['median_ms'] <= row['p90_ms']
+    assert row['timed_steps'] == len(row['step_times_s']) >= 3
+
+
+@pytest.mark.slow
+def test_train_throughput_smoke_runs_each_dtype(tmp_path):
+  stdout, payload = run_script('train_throughput.py', tmp_path,
+                               '--dtype=float32,bfloat16')
+  assert tuple(table_header(stdout, 'config')) == STEP_HEADERS
+  assert [row['config'] for row in payload['results']] == [
+      'digits b8 float32', 'digits b8 bfloat16']
+  assert_step_rows(payload['results'], 2)
+  assert payload['machine']['cpu_count'] >= 1
+
+
+@pytest.mark.slow
+def test_train_scaling_smoke(tmp_path):
+  stdout, payload = run_script('train_throughput.py', tmp_path, '--scaling')
+  header = table_header(stdout, 'model')
+  assert header[:3] == ['model', 'image', 'batch']
+  assert 'img/s' in header and 'peak MB' in header
+  assert [row['batch_size'] for row in payload['results']] == [4, 8]
+  assert_step_rows(payload['results'], 2)
+
+
+@pytest.mark.slow
+def test_eval_throughput_smoke(tmp_path):
+  stdout, payload = run_script('eval_throughput.py', tmp_path)
+  assert tuple(table_header(stdout, 'config')) == STEP_HEADERS
+  assert_step_rows(payload['results'], 1)
+
+
+@pytest.mark.slow
+def test_peer_throughput_smoke(tmp_path):
+  stdout, payload = run_script('peer_throughput.py', tmp_path)
+  header = table_header(stdout, 'framework')
+  assert header[:2] == ['framework', 'img/s'] and 'ours / this' in header
+  frameworks = [row['framework'] for row in payload['results']]
+  assert frameworks[0].startswith('vit_jax')
+  assert frameworks[1].startswith('HF transformers')
+  for row in payload['results']:
+    assert row['images_per_s'] > 0 and row['gflops'] > 0
+  assert payload['results'][0]['speedup'] == 1.0
+  assert payload['ceilings']['torch_f32_gflops'] > 0
+
+
+def test_model_specs_resolve_presets_custom_and_registry_names():
+  sys.path.insert(0, REPO)
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  reference = common.model_spec('reference')
+  assert reference.image_shape == (32, 32, 3)
+  assert reference.model_config.hidden_size == 192
+  assert reference.model_config.patch_size == (4, 4)
+  digits = common.model_spec('digits', dtype='bfloat16')
+  assert digits.image_shape == (8, 8, 1)
+  assert digits.model_config.dtype == 'bfloat16'
+  custom = common.model_spec('custom:hidden=32,layers=2,heads=4,mlp=64,'
+                             'patch=8,image=16')
+  assert (custom.model_config.num_layers, custom.image_size) == (2, 16)
+  assert common.model_spec('B/16').image_shape == (224, 224, 3)
+  with pytest.raises(ValueError, match='unknown key'):
+    common.model_spec('custom:width=3')
+
+
+def test_grid_and_round_merging():
+  sys.path.insert(0, REPO)
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  configs = common.grid(batch=[8, 16], dtype=['float32', 'bfloat16'])
+  assert configs[1] == {'batch': 8, 'dtype': 'bfloat16'}
+  assert len(configs) == 4
+  ceilings = {'ceiling_f32_gflops': 100.0, 'ceiling_bf16_f32_gflops': 200.0}
+  rows = [{**common.step_row('a', 8, times, 1e9, 100.0), **ceilings,
+           'step_times_s': times, 'compile_s': 1.0, 'peak_rss_mb': mb}
+          for times, mb in (([1.0, 1.0, 1.0], 10.0), ([0.5, 0.5, 0.5], 20.0))]
+  merged = common.merge_rounds(rows)
+  assert merged['timed_steps'] == 6 and merged['rounds'] == 2
+  assert merged['peak_rss_mb'] == 20.0
+  assert common.merge_rounds([{'error': 'boom'}]) == {'error': 'boom'}
