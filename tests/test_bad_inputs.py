@@ -195,8 +195,13 @@ def run_case(case, env):
   return result, before, digest(workdir)
 
 
-def test_catalogue_has_at_least_25_cases(env):
-  assert len(catalogue(env)) >= 25
+def test_catalogue_has_at_least_25_distinct_cases():
+  names = ('syntax', 'text', 'truncated', 'pickled', 'a_file', 'empty_folder',
+           'one_class', 'corrupt', 'two_class')
+  fake_env = {'workdir': '/w', 'files': {name: f'/{name}' for name in names}}
+  cases = catalogue(fake_env)
+  assert len(cases) >= 25
+  assert len({case.name for case in cases}) == len(cases)
 
 
 @pytest.mark.slow

@@ -130,8 +130,9 @@ def test_two_processes_train_checkpoint_resume_like_one(tmp_path,
                              [expected[s] for s in range(1, 9)], rtol=1e-5)
   params, step = train_checkpoints.restore_params(workdir)
   assert step == 8
-  # Adam's normalised steps carry rounding differences of the gradient
-  # (sums over 4 vs 8 devices) into the parameters: 2e-5 is 2% of one step.
+  # Adam moves a parameter whose gradient is ~0 (cls token, zero-initialised
+  # head) by up to lr = 1e-3 per step in the direction of the rounding noise
+  # of that gradient (sums over 4 vs 8 devices): 1e-4 is a tenth of a step.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=2e-5),
+                                                       atol=1e-4),
                params, train_checkpoints.restore_params(reference)[0])

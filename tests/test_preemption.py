@@ -218,3 +218,22 @@ def test_read_only_workdir_fails_cleanly_and_keeps_checkpoints(
   assert 'Traceback' not in done.stderr
   last = done.stderr.strip().splitlines()[-1]
   assert f'--workdir {workdir} is not writable: Read-only file system' in last
+
+
+def test_full_disk_fails_cleanly_and_keeps_earlier_checkpoints(
+    straight, tmp_path):
+  _, tfds_dir = straight
+  # Room for the config and two checkpoints of the demo model (~1.7 MB each).
+  with tmpfs(str(tmp_path / 'mount'), '4m') as mount:
+    workdir = os.path.join(mount, 'run')
+    done = subprocess.run(command(workdir, '--config.checkpoint_every=1'),
+                          cwd=REPO, env=environment(tfds_dir),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    steps = complete_steps(workdir)
+    restored = train_checkpoints.restore_params(workdir)[1] if steps else None
+  assert done.returncode == 1
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: could not write a checkpoint in'), last
+  assert 'No space left on device' in last
+  assert f'complete checkpoints (steps {steps}) are untouched' in last
+  assert steps and restored == steps[-1]

@@ -62,6 +62,7 @@ def format_summary(summary: dict[str, tuple[float, float]],
 
 
 def main(argv: list[str]) -> None:
+  """Runs the demo stages in --workdir and prints the results table."""
   if len(argv) > 1:
     main_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   config, workdir = main_lib.config_and_workdir()

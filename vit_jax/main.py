@@ -12,6 +12,7 @@ saves a checkpoint at the current step and exits with status 75; rerunning
 resumes (see docs/multihost.md).
 """
 
+import logging as std_logging
 import os
 import pathlib
 import sys
@@ -115,9 +116,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def quiet_library_logs() -> None:
-  """Hides orbax's per-save INFO lines unless --verbosity is given."""
+  """Hides orbax's per-save INFO lines unless --verbosity is given.
+
+  Also asyncio's "Task exception was never retrieved" at exit, which a
+  failed asynchronous save (disk full) leaves after its one-line error.
+  """
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+    std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -172,6 +178,7 @@ def _summary(results: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
+  """Trains with --config in --workdir, then prints a one-line summary."""
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   config, workdir = config_and_workdir()

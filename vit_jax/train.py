@@ -13,6 +13,7 @@ ahead of them.
 """
 
 import collections
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Iterator, NoReturn, Optional
@@ -146,6 +147,7 @@ def input_shape(config: ml_collections.ConfigDict,
 
 def build_model(config: ml_collections.ConfigDict,
                 info: input_pipeline.DatasetInfo) -> nn.Module:
+  """The config's model with a head for the dataset's classes."""
   return models.build_model(config.model, info.num_classes)
 
 
@@ -325,6 +327,7 @@ class Run:
 
   @property
   def total_steps(self) -> int:
+    """Length of the run in optimizer steps."""
     return self.durations.total_steps
 
 
@@ -607,8 +610,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, eval_results = train_loop(run, state)
     results = _results(run, eval_results, time.time() - start_time)
     metrics_lib.write_results(workdir, results)
-    return results
-  finally:
+  except BaseException:
+    # The first error is the one to report: closing may fail the same way
+    # (a full disk) and must not hide it.
+    with contextlib.suppress(Exception):
+      _close(run)
+    raise
+  _close(run)
+  return results
+
+
+def _close(run: Run) -> None:
+  """Waits for pending saves, then closes the checkpointer and the logs."""
+  try:
     run.checkpointer.close()
+  finally:
     if run.logger is not None:
       run.logger.close()

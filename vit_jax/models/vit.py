@@ -66,13 +66,40 @@ def _mixed_einsum_fwd(spec, lhs, rhs):
   return _accumulate_in_f32(spec, lhs, rhs), (lhs, rhs)
 
 
+def _operand_order_score(spec: str, other: str, out: str) -> int:
+  """How canonical `spec` is as the left operand of a matmul.
+
+  +1 if its batch indices (shared with `other` and `out`) lead, +1 if its
+  contracted indices (shared with `other` only) come last.
+  """
+  batch = [c for c in spec if c in other and c in out]
+  contracted = [c for c in spec if c in other and c not in out]
+  return ((spec[:len(batch)] == ''.join(batch)) +
+          (spec[len(spec) - len(contracted):] == ''.join(contracted)))
+
+
+def _canonical_einsum(spec_a: str, spec_b: str, out: str, a: Array,
+                      b: Array) -> Array:
+  """bf16 x bf16 -> f32 einsum with the more matmul-like operand first.
+
+  XLA:CPU runs bf16 x bf16 -> f32 products only through its YNNPACK
+  fusions; with the operands in the other order, XLA folds some batched
+  products (e.g. d(key) of the attention logits) into a layout YNNPACK
+  rejects and the fallback has no bf16 kernel.
+  """
+  if _operand_order_score(spec_b, spec_a, out) > _operand_order_score(
+      spec_a, spec_b, out):
+    spec_a, spec_b, a, b = spec_b, spec_a, b, a
+  return _accumulate_in_f32(f'{spec_a},{spec_b}->{out}', a, b)
+
+
 def _mixed_einsum_bwd(spec, residuals, grad):
   lhs, rhs = residuals
   inputs, out = spec.split('->')
   lhs_spec, rhs_spec = inputs.split(',')
   grad = grad.astype(lhs.dtype)
-  grad_lhs = _accumulate_in_f32(f'{out},{rhs_spec}->{lhs_spec}', grad, rhs)
-  grad_rhs = _accumulate_in_f32(f'{lhs_spec},{out}->{rhs_spec}', lhs, grad)
+  grad_lhs = _canonical_einsum(out, rhs_spec, lhs_spec, grad, rhs)
+  grad_rhs = _canonical_einsum(lhs_spec, out, rhs_spec, lhs, grad)
   return grad_lhs.astype(lhs.dtype), grad_rhs.astype(rhs.dtype)
 
 
