@@ -27,7 +27,6 @@ INSTALL_REQUIRES = [
 # break `import timm`, and an unpinned torch pulls a multi-GB CUDA build.
 TEST_REQUIRES = [
     'pytest',
-    'pytest-timeout',
     'torch==2.14.1',
     'torchvision==0.29.1',
     'timm',

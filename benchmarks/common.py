@@ -128,34 +128,77 @@ def random_batch(spec: ModelSpec, batch_size: int, seed: int = 0,
 # Timing.
 
 
-def summarize(seconds: Sequence[float]) -> dict[str, float]:
-  """Median, 10th and 90th percentile of per-step times, in seconds."""
-  times = np.asarray(seconds, np.float64)
+# A step counts as quiet when other processes used less than this many cores
+# while it ran.
+QUIET_CORES = 0.1
+
+
+@dataclasses.dataclass
+class Timings:
+  """Per-step wall times and how busy the rest of the machine was.
+
+  `others_cores[i]`: CPU-seconds other processes used during step i divided
+  by its wall time (0 = quiet machine; 1 = another process kept a core busy).
+  """
+  seconds: list[float] = dataclasses.field(default_factory=list)
+  others_cores: list[float] = dataclasses.field(default_factory=list)
+
+  def extend(self, other: 'Timings') -> None:
+    self.seconds += other.seconds
+    self.others_cores += other.others_cores
+
+
+def summarize(timings: Timings) -> dict[str, Any]:
+  """Median, p10, p90 step time; the same median over quiet steps only."""
+  times = np.asarray(timings.seconds, np.float64)
+  others = np.asarray(timings.others_cores, np.float64)
+  quiet = times[others < QUIET_CORES]
   return {'median_s': float(np.median(times)),
           'p10_s': float(np.percentile(times, 10)),
           'p90_s': float(np.percentile(times, 90)),
-          'steps': int(times.size)}
+          'steps': int(times.size),
+          'others_cores': float(np.median(others)),
+          'quiet_steps': int(quiet.size),
+          'quiet_median_s': float(np.median(quiet)) if quiet.size >= 3
+                            else None}
+
+
+def _busy_seconds() -> tuple[float, float]:
+  """(CPU-seconds the whole machine has been busy, this process's)."""
+  with open('/proc/stat') as f:
+    ticks = [int(v) for v in f.readline().split()[1:]]
+  idle = ticks[3] + ticks[4]  # idle + iowait
+  own = os.times()
+  return ((sum(ticks) - idle) / os.sysconf('SC_CLK_TCK'),
+          own.user + own.system)
 
 
 def time_steps(step: Callable[[], Any], *, warmup: int, steps: int,
-               budget_s: Optional[float] = None) -> list[float]:
+               budget_s: Optional[float] = None) -> Timings:
   """Runs `step` (which returns arrays) `warmup` times, then times `steps`.
 
   Each timed call is waited for (`jax.block_until_ready`) before the next
-  starts. With `budget_s`, stops early once the timed steps have used the
-  budget, but never before 3 steps.
+  starts, and the CPU time other processes took meanwhile is recorded. With
+  `budget_s`, stops early once the timed steps have used the budget, but
+  never before 3 steps.
   """
   import jax  # pylint: disable=g-import-not-at-top
   for _ in range(warmup):
     jax.block_until_ready(step())
-  times = []
+  timings = Timings()
   for _ in range(steps):
+    machine, own = _busy_seconds()
     start = time.perf_counter()
     jax.block_until_ready(step())
-    times.append(time.perf_counter() - start)
-    if budget_s is not None and len(times) >= 3 and sum(times) > budget_s:
+    elapsed = time.perf_counter() - start
+    machine_after, own_after = _busy_seconds()
+    others = max(0.0, (machine_after - machine) - (own_after - own))
+    timings.seconds.append(elapsed)
+    timings.others_cores.append(others / elapsed)
+    if budget_s is not None and len(timings.seconds) >= 3 and sum(
+        timings.seconds) > budget_s:
       break
-  return times
+  return timings
 
 
 def compile_step(jitted, *args) -> tuple[Any, float]:
@@ -207,7 +250,8 @@ def matmul_ceiling(size: int = 2048, repeats: int = 10) -> dict[str, float]:
         x, y, preferred_element_type=jnp.float32))
     x, y = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     times = time_steps(lambda: matmul(x, y), warmup=1, steps=repeats)
-    result[f'ceiling_{name}_gflops'] = 2 * size**3 / np.median(times) / 1e9
+    result[f'ceiling_{name}_gflops'] = 2 * size**3 / np.median(
+        times.seconds) / 1e9
   return result
 
 
@@ -303,6 +347,8 @@ STEP_COLUMNS = (
     Column('compile_s', 'compile s', '{:.1f}'),
     Column('peak_rss_mb', 'peak MB', '{:.0f}'),
     Column('xla_mb', 'XLA MB', '{:.0f}'),
+    Column('others_cores', 'others', '{:.2f}'),
+    Column('quiet_images_per_s', 'quiet img/s', '{:.1f}'),
 )
 
 
@@ -321,11 +367,12 @@ def format_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
   return '\n'.join(out)
 
 
-def step_row(config: str, batch_size: int, times: Sequence[float],
-             flops: float, ceiling_gflops: float, **extra) -> dict:
-  """One table row from per-step times and the step's FLOPs."""
-  stats = summarize(times)
+def step_row(config: str, batch_size: int, timings: Timings, flops: float,
+             ceiling_gflops: float, **extra) -> dict:
+  """One table row from per-step timings and the step's FLOPs."""
+  stats = summarize(timings)
   gflops = flops / stats['median_s'] / 1e9
+  quiet = stats['quiet_median_s']
   return {
       'config': config,
       'batch_size': batch_size,
@@ -338,6 +385,11 @@ def step_row(config: str, batch_size: int, times: Sequence[float],
       'gflops': gflops,
       'ceiling_gflops': ceiling_gflops,
       'pct_ceiling': 100 * gflops / ceiling_gflops,
+      'others_cores': stats['others_cores'],
+      'quiet_steps': stats['quiet_steps'],
+      'quiet_images_per_s': batch_size / quiet if quiet else None,
+      'step_times_s': list(timings.seconds),
+      'step_others_cores': list(timings.others_cores),
       **extra,
   }
 
@@ -389,20 +441,22 @@ def merge_rounds(rows: Sequence[dict]) -> dict:
   """One row from the same config measured in several processes.
 
   Step times of all rounds are pooled (median, p10, p90 over all of them);
-  the ceiling and compile time are the rounds' medians; peak memory the max.
+  the ceilings and compile time are the rounds' medians; peak memory the max.
   """
-  good = [r for r in rows if 'error' not in r]
+  good = [r for r in rows if 'error' not in r and 'step_times_s' in r]
   if not good:
     return dict(rows[-1])
-  times = [t for r in good for t in r['step_times_s']]
-  ceiling = float(np.median([r['ceiling_gflops'] for r in good]))
+  timings = Timings()
+  for row in good:
+    timings.extend(Timings(row['step_times_s'], row['step_others_cores']))
   merged = dict(good[-1])
-  merged.update(step_row(good[0]['config'], good[0]['batch_size'], times,
-                         good[0]['step_gflop'] * 1e9, ceiling))
+  merged.update(step_row(
+      good[0]['config'], good[0]['batch_size'], timings,
+      good[0]['step_gflop'] * 1e9,
+      float(np.median([r['ceiling_gflops'] for r in good]))))
   merged['compile_s'] = float(np.median([r['compile_s'] for r in good]))
   merged['peak_rss_mb'] = max(r['peak_rss_mb'] for r in good)
   merged['rounds'] = len(good)
-  merged['step_times_s'] = times
   for key in ('ceiling_f32_gflops', 'ceiling_bf16_f32_gflops'):
     merged[key] = float(np.median([r[key] for r in good]))
   return merged

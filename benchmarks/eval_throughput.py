@@ -89,7 +89,7 @@ def measure(config: dict, args) -> dict:
                         common.ceiling_for(config['dtype'], ceilings))
   return {**row, **ceilings, 'model': config['model'],
           'image_size': spec.image_size, 'compile_s': compile_s,
-          'xla_mb': common.xla_memory_mb(compiled), 'step_times_s': times,
+          'xla_mb': common.xla_memory_mb(compiled),
           'peak_rss_mb': common.peak_rss_mb()}
 
 

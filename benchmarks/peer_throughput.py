@@ -50,7 +50,10 @@ COLUMNS = (
     common.Column('gflops', 'GFLOP/s', '{:.1f}'),
     common.Column('pct_ceiling', '% ceil', '{:.0f}'),
     common.Column('timed_steps', 'steps'),
+    common.Column('others_cores', 'others', '{:.2f}'),
+    common.Column('quiet_images_per_s', 'quiet img/s', '{:.1f}'),
     common.Column('speedup', 'ours / this', '{:.2f}x'),
+    common.Column('quiet_speedup', 'quiet ours / this', '{:.2f}x'),
 )
 
 
@@ -154,18 +157,19 @@ def jax_train_step(spec: common.ModelSpec, batch_np: dict):
 
 def _alternate(steps: dict, args) -> tuple[dict, list[dict]]:
   """Times each framework `args.steps` steps per round, in turn."""
-  times = {name: [] for name in steps}
+  times = {name: common.Timings() for name in steps}
   ceilings = []
   for name, step in steps.items():
     for _ in range(args.warmup):
       step()
   for round_index in range(args.rounds):
     for name, step in steps.items():
-      times[name] += common.time_steps(step, warmup=0, steps=args.steps)
+      times[name].extend(common.time_steps(step, warmup=0, steps=args.steps))
     ceilings.append({**common.matmul_ceiling(repeats=5),
                      'torch_f32_gflops': torch_ceiling(repeats=5)})
-    rates = ', '.join(f'{name} {args.batch / np.median(t[-args.steps:]):.1f}'
-                      for name, t in times.items())
+    rates = ', '.join(
+        f'{name} {args.batch / np.median(t.seconds[-args.steps:]):.1f}'
+        for name, t in times.items())
     print(f'round {round_index + 1}/{args.rounds}: img/s {rates}',
           flush=True)
   return times, ceilings
@@ -188,11 +192,14 @@ def main(argv=None) -> int:
   for name, step_times in times.items():
     compared = common.ceiling_for(args.dtype, ceiling) if name.startswith(
         'vit_jax') else ceiling['ceiling_f32_gflops']
-    rows.append({'framework': name, 'step_times_s': step_times,
+    rows.append({'framework': name,
                  **common.step_row(name, args.batch, step_times, flops,
                                    compared)})
   for row in rows:
     row['speedup'] = rows[0]['images_per_s'] / row['images_per_s']
+    if rows[0]['quiet_images_per_s'] and row['quiet_images_per_s']:
+      row['quiet_speedup'] = (rows[0]['quiet_images_per_s'] /
+                              row['quiet_images_per_s'])
   print(f'\n{spec.name} batch {args.batch}: {args.rounds} rounds x '
         f'{args.steps} steps each, alternating; torch threads '
         f'{args.threads}')

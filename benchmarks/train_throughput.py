@@ -176,8 +176,7 @@ def measure(config: dict, args) -> dict:
   row = common.step_row(label(config), config['batch'], times,
                         common.xla_flops(compiled),
                         common.ceiling_for(config['dtype'], ceilings))
-  return {**base, **row, **ceilings, 'step_times_s': times,
-          'peak_rss_mb': common.peak_rss_mb()}
+  return {**base, **row, **ceilings, 'peak_rss_mb': common.peak_rss_mb()}
 
 
 # ---------------------------------------------------------------------------

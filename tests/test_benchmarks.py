@@ -14,7 +14,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_HEADERS = ('config', 'img/s', 'median ms', 'p10 ms', 'p90 ms',
-                'GFLOP/s', '% ceil', 'compile s', 'peak MB', 'XLA MB')
+                'GFLOP/s', '% ceil', 'compile s', 'peak MB', 'XLA MB', 'others',
+                'quiet img/s')
 STEP_KEYS = ('images_per_s', 'median_ms', 'p10_ms', 'p90_ms', 'gflops',
              'pct_ceiling', 'compile_s', 'peak_rss_mb', 'xla_mb',
              'ceiling_f32_gflops', 'ceiling_bf16_f32_gflops', 'step_gflop')
@@ -48,6 +49,8 @@ def assert_step_rows(results, count):
       assert row[key] > 0, key
     assert row['p10_ms'] <= row['median_ms'] <= row['p90_ms']
     assert row['timed_steps'] == len(row['step_times_s']) >= 3
+    assert len(row['step_others_cores']) == row['timed_steps']
+    assert row['others_cores'] >= 0
 
 
 @pytest.mark.slow
@@ -117,10 +120,14 @@ def test_grid_and_round_merging():
   assert configs[1] == {'batch': 8, 'dtype': 'bfloat16'}
   assert len(configs) == 4
   ceilings = {'ceiling_f32_gflops': 100.0, 'ceiling_bf16_f32_gflops': 200.0}
-  rows = [{**common.step_row('a', 8, times, 1e9, 100.0), **ceilings,
-           'step_times_s': times, 'compile_s': 1.0, 'peak_rss_mb': mb}
-          for times, mb in (([1.0, 1.0, 1.0], 10.0), ([0.5, 0.5, 0.5], 20.0))]
+  rounds = [(common.Timings([1.0, 1.0, 1.0], [0.0, 0.0, 1.0]), 10.0),
+            (common.Timings([0.5, 0.5, 0.5], [0.0, 0.0, 0.0]), 20.0)]
+  rows = [{**common.step_row('a', 8, timings, 1e9, 100.0), **ceilings,
+           'compile_s': 1.0, 'peak_rss_mb': mb} for timings, mb in rounds]
   merged = common.merge_rounds(rows)
   assert merged['timed_steps'] == 6 and merged['rounds'] == 2
   assert merged['peak_rss_mb'] == 20.0
+  # Quiet steps: the five with other processes below 0.1 cores.
+  assert merged['quiet_steps'] == 5
+  assert merged['quiet_images_per_s'] == 8 / 0.5
   assert common.merge_rounds([{'error': 'boom'}]) == {'error': 'boom'}
