@@ -10,6 +10,11 @@ Conventions every benchmark follows:
   * ceiling: a large jitted matmul measured in the same process, float32 and
     bfloat16 x bfloat16 -> float32, so "% of ceiling" compares numbers taken
     under the same machine load;
+  * noise: while each step runs, the CPU time every other process on the
+    machine used is read from /proc/stat (10 ms ticks, so only meaningful
+    for steps of 100 ms or more); `others` is its median in cores, and
+    `quiet img/s` the median over the steps during which other processes
+    used under 0.1 cores (shown when there are at least 3 such steps);
   * memory: `peak_rss_mb` is the process's peak resident set
     (`resource.getrusage(...).ru_maxrss`); it only means something in a fresh
     process per configuration (`run_isolated`), because it never goes down.
@@ -206,6 +211,40 @@ def compile_step(jitted, *args) -> tuple[Any, float]:
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   return compiled, time.perf_counter() - start
+
+
+# XLA:CPU option sets the benchmarks compare (--xla). 'default' is what
+# vit_jax's train and eval steps use (`vit_jax.xla_options`).
+XLA_OPTION_SETS = {
+    'default': None,
+    # XLA's own defaults: YNNPACK fusions for dots and their neighbours.
+    'xla': {},
+    # No YNNPACK fusions: Eigen dots and XLA's own fusions. XLA:CPU has no
+    # other bf16 x bf16 -> f32 dot, so this is for float32 compute.
+    'noynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
+    # YNNPACK for dots only; reductions and elementwise ops stay in XLA's
+    # fusions.
+    'ynndot': {'xla_cpu_experimental_ynn_fusion_type':
+                   'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'},
+}
+
+
+def xla_options(name: str) -> Optional[dict[str, str]]:
+  """An option set by name, or 'key=value+key=value' spelled out.
+
+  None means vit_jax's own choice for the step's compute dtype.
+  """
+  if name in XLA_OPTION_SETS:
+    options = XLA_OPTION_SETS[name]
+    return None if options is None else dict(options)
+  options = {}
+  for item in filter(None, name.split('+')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'XLA option set {name!r}: expected one of '
+                       f'{", ".join(XLA_OPTION_SETS)} or key=value[+...]')
+    options[key] = value
+  return options
 
 
 def xla_flops(compiled) -> float:

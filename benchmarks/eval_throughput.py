@@ -34,6 +34,9 @@ def _parse_args(argv):
   parser.add_argument('--image_size', type=int, default=None)
   parser.add_argument('--batch', default='64')
   parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--xla', default='default',
+                      help='XLA:CPU option set(s): default (as vit_jax), '
+                      'xla, noynn, ynndot or key=value[+key=value]')
   parser.add_argument('--steps', type=int, default=20, help='timed steps')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--rounds', type=int, default=1,
@@ -50,10 +53,13 @@ def _parse_args(argv):
 
 
 def label(config: dict) -> str:
-  return f'{config["model"]} b{config["batch"]} {config["dtype"]}'
+  name = f'{config["model"]} b{config["batch"]} {config["dtype"]}'
+  if config.get('xla', 'default') != 'default':
+    name += f' xla:{config["xla"]}'
+  return name
 
 
-def build_eval_step(spec: common.ModelSpec):
+def build_eval_step(spec: common.ModelSpec, xla: str = 'default'):
   """(jitted eval step, params, mesh) for one model."""
   # pylint: disable=g-import-not-at-top
   import jax
@@ -69,7 +75,9 @@ def build_eval_step(spec: common.ModelSpec):
                  out_shardings=replicated)
   params = init(jax.random.PRNGKey(0))
   shardings = jax.tree.map(lambda _: replicated, params)
-  return train.make_eval_step(model, mesh, shardings), params, mesh
+  step = train.make_eval_step(model, mesh, shardings,
+                              compiler_options=common.xla_options(xla))
+  return step, params, mesh
 
 
 def measure(config: dict, args) -> dict:
@@ -77,11 +85,12 @@ def measure(config: dict, args) -> dict:
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
   spec = common.model_spec(config['model'], args.image_size,
                            dtype=config['dtype'])
-  step, params, mesh = build_eval_step(spec)
+  # Before the step exists: its idle worker threads may spin meanwhile.
+  ceilings = common.matmul_ceiling()
+  step, params, mesh = build_eval_step(spec, config.get('xla', 'default'))
   batch = parallel.global_batch(
       common.random_batch(spec, config['batch'], with_mask=True), mesh)
   compiled, compile_s = common.compile_step(step, params, batch)
-  ceilings = common.matmul_ceiling()
   times = common.time_steps(lambda: compiled(params, batch),
                             warmup=args.warmup, steps=args.steps)
   row = common.step_row(label(config), config['batch'], times,
@@ -102,7 +111,8 @@ def main(argv=None) -> int:
     return 0
   configs = common.grid(model=common.parse_list(args.model),
                         batch=common.parse_list(args.batch, int),
-                        dtype=common.parse_list(args.dtype))
+                        dtype=common.parse_list(args.dtype),
+                        xla=common.parse_list(args.xla))
   child_args = [f'--steps={args.steps}', f'--warmup={args.warmup}']
   if args.image_size:
     child_args.append(f'--image_size={args.image_size}')

@@ -52,8 +52,8 @@ COLUMNS = (
     common.Column('timed_steps', 'steps'),
     common.Column('others_cores', 'others', '{:.2f}'),
     common.Column('quiet_images_per_s', 'quiet img/s', '{:.1f}'),
-    common.Column('speedup', 'ours / this', '{:.2f}x'),
-    common.Column('quiet_speedup', 'quiet ours / this', '{:.2f}x'),
+    common.Column('vs_peer', 'x HF', '{:.2f}'),
+    common.Column('quiet_vs_peer', 'quiet x HF', '{:.2f}'),
 )
 
 
@@ -65,6 +65,10 @@ def _parse_args(argv):
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--dtype', default='float32',
                       help='our compute dtype (the peer stays float32)')
+  parser.add_argument('--xla', default='default',
+                      help='XLA:CPU option set(s) for our step, each its own '
+                      'row: default (as vit_jax), xla, noynn, ynndot or '
+                      'key=value[+...]')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=5,
                       help='timed steps per framework and round')
@@ -138,12 +142,12 @@ def torch_ceiling(size: int = 2048, repeats: int = 10) -> float:
 # Ours.
 
 
-def jax_train_step(spec: common.ModelSpec, batch_np: dict):
+def jax_train_step(spec: common.ModelSpec, batch_np: dict, xla: str):
   """(step function, XLA FLOPs of one step) for our train step."""
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
   step, state, mesh = train_throughput.build_train_step(
-      spec, {'accum': 1}, 'sgd')
+      spec, {'accum': 1, 'xla': xla}, 'sgd')
   batch = parallel.global_batch(batch_np, mesh)
   compiled, _ = common.compile_step(step, state, batch)
   holder = {'state': state}
@@ -181,10 +185,13 @@ def main(argv=None) -> int:
   torch.manual_seed(0)
   spec = common.model_spec(args.model, args.image_size, dtype=args.dtype)
   batch = common.random_batch(spec, args.batch)
-  ours, flops = jax_train_step(spec, batch)
-  steps = {f'vit_jax (JAX, {args.dtype})': ours,
-           'HF transformers (PyTorch, float32, SDPA)': torch_train_step(
-               hf_model(spec), batch)}
+  steps = {}
+  for xla in common.parse_list(args.xla):
+    suffix = '' if xla == 'default' else f', xla:{xla}'
+    steps[f'vit_jax (JAX, {args.dtype}{suffix})'], flops = jax_train_step(
+        spec, batch, xla)
+  steps['HF transformers (PyTorch, float32, SDPA)'] = torch_train_step(
+      hf_model(spec), batch)
   times, ceilings = _alternate(steps, args)
   ceiling = {key: float(np.median([c[key] for c in ceilings]))
              for key in ceilings[0]}
@@ -195,11 +202,12 @@ def main(argv=None) -> int:
     rows.append({'framework': name,
                  **common.step_row(name, args.batch, step_times, flops,
                                    compared)})
+  peer = rows[-1]
   for row in rows:
-    row['speedup'] = rows[0]['images_per_s'] / row['images_per_s']
-    if rows[0]['quiet_images_per_s'] and row['quiet_images_per_s']:
-      row['quiet_speedup'] = (rows[0]['quiet_images_per_s'] /
-                              row['quiet_images_per_s'])
+    row['vs_peer'] = row['images_per_s'] / peer['images_per_s']
+    if row['quiet_images_per_s'] and peer['quiet_images_per_s']:
+      row['quiet_vs_peer'] = (row['quiet_images_per_s'] /
+                              peer['quiet_images_per_s'])
   print(f'\n{spec.name} batch {args.batch}: {args.rounds} rounds x '
         f'{args.steps} steps each, alternating; torch threads '
         f'{args.threads}')

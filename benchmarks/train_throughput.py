@@ -67,6 +67,10 @@ def _parse_args(argv):
                       help='compute dtype(s); params stay float32')
   parser.add_argument('--accum', default='1', help='micro-batches per step')
   parser.add_argument('--remat', default='false')
+  parser.add_argument('--xla', default='default',
+                      help='XLA:CPU option set(s) for the compiled step: '
+                      'default (as vit_jax), xla, noynn, ynndot or '
+                      'key=value[+key=value] (see common.XLA_OPTION_SETS)')
   parser.add_argument('--optimizer', default='sgd',
                       choices=('sgd', 'adam', 'adamw'))
   parser.add_argument('--steps', type=int, default=20, help='timed steps')
@@ -97,12 +101,14 @@ def _configs(args) -> list[dict]:
   if args.scaling:
     return common.grid(model=common.parse_list(args.scaling_models),
                        batch=common.parse_list(args.scaling_batches, int),
-                       dtype=['float32'], accum=[1], remat=[False])
+                       dtype=['float32'], accum=[1], remat=[False],
+                       xla=common.parse_list(args.xla)[:1])
   return common.grid(model=common.parse_list(args.model),
                      batch=common.parse_list(args.batch, int),
                      dtype=common.parse_list(args.dtype),
                      accum=common.parse_list(args.accum, int),
-                     remat=common.parse_list(args.remat, common.parse_bool))
+                     remat=common.parse_list(args.remat, common.parse_bool),
+                     xla=common.parse_list(args.xla))
 
 
 def label(config: dict) -> str:
@@ -112,6 +118,8 @@ def label(config: dict) -> str:
     parts.append(f'accum{config["accum"]}')
   if config.get('remat'):
     parts.append('remat')
+  if config.get('xla', 'default') != 'default':
+    parts.append(f'xla:{config["xla"]}')
   return ' '.join(parts)
 
 
@@ -143,8 +151,9 @@ def build_train_step(spec: common.ModelSpec, config: dict, optimizer: str):
   _, shardings = train.abstract_state(model, tx, spec.image_shape, mesh)
   state = train.create_train_state(model, tx, spec.image_shape, mesh,
                                    shardings, seed=0)
-  step = train.make_train_step(model, tx, schedule, mesh, shardings,
-                               accum_steps=config['accum'])
+  step = train.make_train_step(
+      model, tx, schedule, mesh, shardings, accum_steps=config['accum'],
+      compiler_options=common.xla_options(config.get('xla', 'default')))
   return step, state, mesh
 
 
@@ -153,6 +162,8 @@ def measure(config: dict, args) -> dict:
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
   spec = common.model_spec(config['model'], args.image_size,
                            dtype=config['dtype'], remat=config['remat'])
+  # Before the step exists: its idle worker threads may spin meanwhile.
+  ceilings = common.matmul_ceiling()
   step, state, mesh = build_train_step(spec, config, args.optimizer)
   batch = parallel.global_batch(
       common.random_batch(spec, config['batch']), mesh)
@@ -164,7 +175,6 @@ def measure(config: dict, args) -> dict:
   if needed > 0.85 * available:
     return {**base, 'note': f'skipped: XLA plans {needed / 1024:.1f} GB, '
                             f'{available / 1024:.1f} GB available'}
-  ceilings = common.matmul_ceiling()
   holder = {'state': state}
 
   def run_step():

@@ -85,13 +85,13 @@ def test_eval_throughput_smoke(tmp_path):
 def test_peer_throughput_smoke(tmp_path):
   stdout, payload = run_script('peer_throughput.py', tmp_path)
   header = table_header(stdout, 'framework')
-  assert header[:2] == ['framework', 'img/s'] and 'ours / this' in header
+  assert header[:2] == ['framework', 'img/s'] and 'x HF' in header
   frameworks = [row['framework'] for row in payload['results']]
   assert frameworks[0].startswith('vit_jax')
   assert frameworks[1].startswith('HF transformers')
   for row in payload['results']:
     assert row['images_per_s'] > 0 and row['gflops'] > 0
-  assert payload['results'][0]['speedup'] == 1.0
+  assert payload['results'][-1]['vs_peer'] == 1.0
   assert payload['ceilings']['torch_f32_gflops'] > 0
 
 

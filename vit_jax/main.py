@@ -54,8 +54,14 @@ T = TypeVar('T')
 
 
 def fail(message: str) -> NoReturn:
-  """Ends the program with `error: message` on stderr and exit status 1."""
+  """Ends the program with `error: message` on stderr and exit status 1.
+
+  The message stays the last line: stderr is closed after it, because after
+  a failed asynchronous save orbax's writer threads may still print
+  tracebacks while the interpreter shuts down.
+  """
   print(f'error: {message}', file=sys.stderr, flush=True)
+  os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
   sys.exit(1)
 
 

@@ -35,6 +35,7 @@ from vit_jax import optim
 from vit_jax import parallel
 from vit_jax import preemption
 from vit_jax import train_checkpoints
+from vit_jax import xla_options
 
 # Steps dispatched but not finished before the host waits for the oldest.
 _MAX_STEPS_IN_FLIGHT = 2
@@ -209,8 +210,12 @@ def _split_micro_batches(x: jax.Array, accum_steps: int,
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optim.Schedule, mesh: Mesh,
                     shardings: TrainState, *, loss: str = 'softmax_xent',
-                    accum_steps: int = 1):
+                    accum_steps: int = 1,
+                    compiler_options: Optional[dict[str, str]] = None):
   """The jitted `(state, batch) -> (state, metrics)`; donates `state`.
+
+  `compiler_options` (XLA's) default to `xla_options.for_compute_dtype` of
+  the model's compute dtype; {} compiles with XLA's defaults.
 
   `batch` holds 'image' (B, H, W, C) and 'label' (B, num_classes) global
   arrays. Metrics: mean loss and accuracy over the batch, the global norm of
@@ -268,11 +273,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       step,
       in_shardings=(shardings, parallel.batch_sharding(mesh)),
       out_shardings=(shardings, parallel.replicated_sharding(mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,),
+      compiler_options=_step_options(model, compiler_options))
+
+
+def _step_options(model: nn.Module,
+                  options: Optional[dict[str, str]]) -> Optional[dict]:
+  """Explicit options, else the defaults for the model's compute dtype."""
+  if options is None:
+    options = xla_options.for_compute_dtype(
+        getattr(model, 'dtype', jnp.float32))
+  return options or None
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, *,
-                   loss: str = 'softmax_xent'):
+                   loss: str = 'softmax_xent',
+                   compiler_options: Optional[dict[str, str]] = None):
   """The jitted `(params, batch) -> sums`; padded examples (mask 0) count 0.
 
   Returns integer counts ('correct', 'count') and the float 'loss_sum', so
@@ -293,7 +309,8 @@ def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, *,
 
   return jax.jit(step,
                  in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
-                 out_shardings=parallel.replicated_sharding(mesh))
+                 out_shardings=parallel.replicated_sharding(mesh),
+                 compiler_options=_step_options(model, compiler_options))
 
 
 @jax.jit

@@ -13,6 +13,7 @@ of (seed, step).
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Optional
 
@@ -32,6 +33,9 @@ _RESUMABLE_MODEL_KEYS = frozenset({
     'dtype'})
 # Top-level keys that change parameter shapes (class count, patch grid).
 _SHAPE_KEYS = ('dataset', 'image_size')
+# Room a save needs beyond the arrays' bytes: orbax metadata and OCDBT index.
+_SAVE_OVERHEAD = 1.1
+_SAVE_SLACK_BYTES = 1 << 20
 
 
 class IncompatibleWorkdirError(ValueError):
@@ -78,6 +82,25 @@ class Checkpointer:
         f'could not write a checkpoint in {self._directory}: {reason}; the '
         f'complete checkpoints (steps {kept or "none"}) are untouched')
 
+  def _check_free_space(self, tree: Any) -> None:
+    """Refuses a save that cannot fit, before orbax starts writing it.
+
+    A write that runs out of space mid-way fails in orbax's threads, which
+    print tracebacks; refusing early gives one clean line. Remote paths
+    (gs://...) have no local free-space figure and are not checked.
+    """
+    try:
+      free = shutil.disk_usage(self._directory).free
+    except OSError:
+      return
+    needed = int(sum(leaf.nbytes for leaf in jax.tree.leaves(tree)
+                     if hasattr(leaf, 'nbytes')) * _SAVE_OVERHEAD
+                 ) + _SAVE_SLACK_BYTES
+    if free < needed:
+      raise self._write_failed(OSError(
+          f'No space left on device: a checkpoint needs about '
+          f'{needed / 2**20:.1f} MB, {free / 2**20:.1f} MB free'))
+
   def latest_step(self) -> Optional[int]:
     """The newest complete checkpoint's step, or None."""
     return self._manager.latest_step()
@@ -89,6 +112,10 @@ class Checkpointer:
   def save(self, step: int, state: Any) -> None:
     """Starts saving `state` as `step`; returns once it is safe to donate it."""
     meta = {'step': state.step, 'rng': state.rng}
+    # orbax would wait for the previous save anyway; waiting first makes
+    # the free-space figure count its bytes.
+    self.wait()
+    self._check_free_space((state.params, state.opt_state))
     try:
       self._manager.save(
           step,
