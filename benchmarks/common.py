@@ -255,6 +255,17 @@ def xla_flops(compiled) -> float:
   return float(analysis.get('flops', float('nan')))
 
 
+def step_flops(compiled, accum: int = 1) -> float:
+  """FLOPs of one train step of `accum` micro-batches.
+
+  XLA's cost analysis counts a loop body once, so the accumulation loop's
+  (one micro-batch's forward and backward) is multiplied by `accum`; the
+  optimizer update, outside the loop, is then over-counted by a negligible
+  (accum - 1) times ~10 FLOPs per parameter.
+  """
+  return xla_flops(compiled) * accum
+
+
 def xla_memory_mb(compiled) -> float:
   """XLA's planned memory of one call: arguments + outputs + temporaries.
 
@@ -292,6 +303,16 @@ def matmul_ceiling(size: int = 2048, repeats: int = 10) -> dict[str, float]:
     result[f'ceiling_{name}_gflops'] = 2 * size**3 / np.median(
         times.seconds) / 1e9
   return result
+
+
+def best_ceilings(*measurements: dict[str, float]) -> dict[str, float]:
+  """The highest of several ceiling measurements, key by key.
+
+  A step's benchmark measures the ceiling before and after its timed steps:
+  on a shared machine one measurement can land in a slow moment, and a
+  ceiling that is too low would flatter the step's "% of ceiling".
+  """
+  return {key: max(m[key] for m in measurements) for key in measurements[0]}
 
 
 # ---------------------------------------------------------------------------

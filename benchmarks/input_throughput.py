@@ -24,6 +24,9 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
+# Runnable as a file from anywhere, like the other benchmarks.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections
 import numpy as np

@@ -64,7 +64,11 @@ def _parse_args(argv):
   parser.add_argument('--image_size', type=int, default=None)
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--dtype', default='float32',
-                      help='our compute dtype (the peer stays float32)')
+                      help='our compute dtype(s), each its own row (the peer '
+                      'stays float32)')
+  parser.add_argument('--accum', default='1',
+                      help='our micro-batches per step, each its own row '
+                      '(same global batch)')
   parser.add_argument('--xla', default='default',
                       help='XLA:CPU option set(s) for our step, each its own '
                       'row: default (as vit_jax), xla, noynn, ynndot or '
@@ -142,12 +146,14 @@ def torch_ceiling(size: int = 2048, repeats: int = 10) -> float:
 # Ours.
 
 
-def jax_train_step(spec: common.ModelSpec, batch_np: dict, xla: str):
-  """(step function, XLA FLOPs of one step) for our train step."""
+def jax_train_step(spec: common.ModelSpec, batch_np: dict, config: dict):
+  """(step function, FLOPs of one step) for our train step.
+
+  `config` holds 'accum' and 'xla' as in train_throughput.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
-  step, state, mesh = train_throughput.build_train_step(
-      spec, {'accum': 1, 'xla': xla}, 'sgd')
+  step, state, mesh = train_throughput.build_train_step(spec, config, 'sgd')
   batch = parallel.global_batch(batch_np, mesh)
   compiled, _ = common.compile_step(step, state, batch)
   holder = {'state': state}
@@ -156,7 +162,7 @@ def jax_train_step(spec: common.ModelSpec, batch_np: dict, xla: str):
     holder['state'], metrics = compiled(holder['state'], batch)
     return jax.block_until_ready(metrics)
 
-  return run, common.xla_flops(compiled)
+  return run, common.step_flops(compiled, config['accum'])
 
 
 def _alternate(steps: dict, args) -> tuple[dict, list[dict]]:
@@ -179,29 +185,40 @@ def _alternate(steps: dict, args) -> tuple[dict, list[dict]]:
   return times, ceilings
 
 
+def _our_label(config: dict) -> str:
+  parts = [config['dtype']]
+  if config['accum'] > 1:
+    parts.append(f'accum{config["accum"]}')
+  if config['xla'] != 'default':
+    parts.append(f'xla:{config["xla"]}')
+  return f'vit_jax (JAX, {", ".join(parts)})'
+
+
 def main(argv=None) -> int:
   args = _parse_args(argv)
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  spec = common.model_spec(args.model, args.image_size, dtype=args.dtype)
-  batch = common.random_batch(spec, args.batch)
-  steps = {}
-  for xla in common.parse_list(args.xla):
-    suffix = '' if xla == 'default' else f', xla:{xla}'
-    steps[f'vit_jax (JAX, {args.dtype}{suffix})'], flops = jax_train_step(
-        spec, batch, xla)
-  steps['HF transformers (PyTorch, float32, SDPA)'] = torch_train_step(
-      hf_model(spec), batch)
+  steps, flops, dtypes = {}, {}, {}
+  for config in common.grid(dtype=common.parse_list(args.dtype),
+                            accum=common.parse_list(args.accum, int),
+                            xla=common.parse_list(args.xla)):
+    spec = common.model_spec(args.model, args.image_size,
+                             dtype=config['dtype'])
+    batch = common.random_batch(spec, args.batch)
+    name = _our_label(config)
+    steps[name], flops[name] = jax_train_step(spec, batch, config)
+    dtypes[name] = config['dtype']
+  name = 'HF transformers (PyTorch, float32, SDPA)'
+  steps[name] = torch_train_step(hf_model(spec), batch)
+  flops[name], dtypes[name] = next(iter(flops.values())), 'float32'
   times, ceilings = _alternate(steps, args)
   ceiling = {key: float(np.median([c[key] for c in ceilings]))
              for key in ceilings[0]}
   rows = []
   for name, step_times in times.items():
-    compared = common.ceiling_for(args.dtype, ceiling) if name.startswith(
-        'vit_jax') else ceiling['ceiling_f32_gflops']
     rows.append({'framework': name,
-                 **common.step_row(name, args.batch, step_times, flops,
-                                   compared)})
+                 **common.step_row(name, args.batch, step_times, flops[name],
+                                   common.ceiling_for(dtypes[name], ceiling))})
   peer = rows[-1]
   for row in rows:
     row['vs_peer'] = row['images_per_s'] / peer['images_per_s']

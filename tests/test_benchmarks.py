@@ -95,6 +95,19 @@ def test_peer_throughput_smoke(tmp_path):
   assert payload['ceilings']['torch_f32_gflops'] > 0
 
 
+@pytest.mark.slow
+def test_input_throughput_smoke(tmp_path):
+  stdout, payload = run_script('input_throughput.py', tmp_path)
+  assert 'pipeline' in stdout and 'img/s' in stdout
+  pipelines = [row['pipeline'] for row in payload['results']]
+  assert any(name.startswith('digits train') for name in pipelines)
+  assert any(name.startswith('folder train') for name in pipelines)
+  for row in payload['results']:
+    assert row['min_images_per_s'] <= row['images_per_s'] <= (
+        row['max_images_per_s'])
+    assert row['images_per_s'] > 0
+
+
 def test_model_specs_resolve_presets_custom_and_registry_names():
   sys.path.insert(0, REPO)
   from benchmarks import common  # pylint: disable=g-import-not-at-top
