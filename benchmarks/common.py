@@ -114,6 +114,16 @@ def _parse_custom(name: str) -> dict[str, int]:
   return values
 
 
+def add_model_arguments(parser, *, several: bool = False) -> None:
+  """--model and --image_size, as every benchmark takes them."""
+  names = 'comma-separated ' if several else ''
+  parser.add_argument('--model', default='reference',
+                      help=f'{names}registry name(s) (Ti/16, B/16, ...), '
+                      'reference, digits or custom:hidden=..,layers=..')
+  parser.add_argument('--image_size', type=int, default=None,
+                      help="default: the model's (224, 32 or 8)")
+
+
 def random_batch(spec: ModelSpec, batch_size: int, seed: int = 0,
                  with_mask: bool = False) -> dict[str, np.ndarray]:
   """Images in [-1, 1] and one-hot labels, as the input pipeline delivers."""

@@ -29,9 +29,7 @@ from benchmarks import common
 
 def _parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--model', default='reference',
-                      help='registry name, reference, digits or custom:...')
-  parser.add_argument('--image_size', type=int, default=None)
+  common.add_model_arguments(parser, several=True)
   parser.add_argument('--batch', default='64')
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--xla', default='default',

@@ -59,9 +59,7 @@ COLUMNS = (
 
 def _parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--model', default='reference',
-                      help='registry name, reference, digits or custom:...')
-  parser.add_argument('--image_size', type=int, default=None)
+  common.add_model_arguments(parser)
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--dtype', default='float32',
                       help='our compute dtype(s), each its own row (the peer '

@@ -59,9 +59,7 @@ SCALING_COLUMNS = (
 
 def _parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--model', default='reference')
-  parser.add_argument('--image_size', type=int, default=None,
-                      help='default: the model\'s (224, 32 or 8)')
+  common.add_model_arguments(parser, several=True)
   parser.add_argument('--batch', default='64')
   parser.add_argument('--dtype', default='float32',
                       help='compute dtype(s); params stay float32')

@@ -108,6 +108,18 @@ def test_input_throughput_smoke(tmp_path):
     assert row['images_per_s'] > 0
 
 
+@pytest.mark.slow
+def test_profile_step_smoke(tmp_path):
+  stdout, payload = run_script('profile_step.py', tmp_path)
+  assert 'by op kind' in stdout and 'single ops' in stdout
+  assert payload['step_ms'] > 0 and payload['kinds']
+  for row in payload['kinds']:
+    assert row['ms'] >= 0 and row['count'] >= 1
+    assert not row['op'][-1].isdigit() or '.' not in row['op']
+  with open(payload['hlo']) as f:
+    assert 'HloModule' in f.read()
+
+
 def test_model_specs_resolve_presets_custom_and_registry_names():
   sys.path.insert(0, REPO)
   from benchmarks import common  # pylint: disable=g-import-not-at-top
