@@ -1,0 +1,34 @@
+"""The XLA options of the train and eval steps: which, and that XLA takes them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import xla_options
+
+
+def test_float32_on_cpu_turns_ynnpack_fusions_off():
+  assert xla_options.for_compute_dtype(jnp.float32, 'cpu') == (
+      xla_options.NO_YNNPACK)
+
+
+def test_bfloat16_and_other_backends_keep_xla_defaults():
+  # bf16 x bf16 -> f32 dots exist on XLA:CPU only as YNNPACK fusions.
+  assert xla_options.for_compute_dtype(jnp.bfloat16, 'cpu') == {}
+  assert xla_options.for_compute_dtype(jnp.float32, 'gpu') == {}
+  assert xla_options.for_compute_dtype(jnp.float32, 'tpu') == {}
+
+
+def test_this_xla_accepts_the_options_and_computes_the_same():
+  # An XLA that renamed the option would reject it here, not in a user's run.
+  x = np.random.default_rng(0).standard_normal((64, 48), np.float32)
+  w = np.random.default_rng(1).standard_normal((48, 32), np.float32)
+
+  def layer(x, w):
+    return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+  options = xla_options.for_compute_dtype(jnp.float32)
+  with_options = jax.jit(jax.grad(layer, argnums=1),
+                         compiler_options=options or None)(x, w)
+  default = jax.jit(jax.grad(layer, argnums=1))(x, w)
+  np.testing.assert_allclose(with_options, default, rtol=1e-5, atol=1e-5)
