@@ -120,21 +120,25 @@ def fixture_straight(tmp_path_factory):
   return workdir, tfds_dir
 
 
-def test_sigterm_saves_exits_and_resumes(straight, tmp_path):
+@pytest.mark.parametrize('signum, message', [
+    (signal.SIGTERM, 'preempted (SIGTERM) at step'),
+    (signal.SIGINT, 'interrupted (SIGINT) at step'),  # Ctrl-C.
+])
+def test_signal_saves_exits_and_resumes(straight, tmp_path, signum, message):
   reference, tfds_dir = straight
   workdir = str(tmp_path / 'run')
-  # Checkpoints only at the end: the one found after SIGTERM is its own.
+  # Checkpoints only at the end: the one found after the signal is its own.
   process = start(workdir, tfds_dir, '--config.checkpoint_every=0')
   try:
     wait_for(lambda: logged_lines(workdir) >= 1, process)  # Training.
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     process.wait(timeout=TIMEOUT)
   finally:
     stop(process)
   stderr = read(process.log)
   assert process.returncode == preemption.EXIT_CODE, stderr[-3000:]
   lines = stderr.strip().splitlines()
-  assert 'preempted (SIGTERM) at step' in lines[-1], stderr[-3000:]
+  assert message in lines[-1], stderr[-3000:]
   assert 'Traceback' not in stderr
   steps = complete_steps(workdir)
   assert len(steps) == 1 and 10 <= steps[0] < TOTAL_STEPS, steps

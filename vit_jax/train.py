@@ -536,13 +536,15 @@ def _periodic_actions(run: Run, step: int, state: TrainState,
   return eval_results
 
 
-def _stop_for_preemption(run: Run, step: int, state: TrainState) -> NoReturn:
+def _stop_for_preemption(run: Run, step: int, state: TrainState,
+                         signal_name: str) -> NoReturn:
   """Saves `step` (unless just saved), waits for it, raises Preempted."""
   if not _is_due(step, run.config.checkpoint_every, run.total_steps):
     _save(run, step, state)
   run.checkpointer.wait()  # The scheduler's SIGKILL may follow soon.
   raise preemption.Preempted(step, run.total_steps,
-                             train_checkpoints.checkpoint_dir(run.workdir))
+                             train_checkpoints.checkpoint_dir(run.workdir),
+                             signal_name)
 
 
 def train_loop(run: Run, state: TrainState) -> tuple[TrainState, dict]:
@@ -568,7 +570,7 @@ def train_loop(run: Run, state: TrainState) -> tuple[TrainState, dict]:
       eval_results = (_periodic_actions(run, step, state, window) or
                       eval_results)
       if step < run.total_steps and watcher.reached(step):
-        _stop_for_preemption(run, step, state)
+        _stop_for_preemption(run, step, state, watcher.signal_name)
   if not eval_results and start >= run.total_steps:
     eval_results = evaluate(run, state.params)  # Rerun of a finished run.
   return state, eval_results
