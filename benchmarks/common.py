@@ -23,6 +23,7 @@ Conventions every benchmark follows:
     is reported next to it as `xla_mb`.
 """
 
+import argparse
 import dataclasses
 import json
 import os
@@ -122,6 +123,15 @@ def add_model_arguments(parser, *, several: bool = False) -> None:
                       'reference, digits or custom:hidden=..,layers=..')
   parser.add_argument('--image_size', type=int, default=None,
                       help="default: the model's (224, 32 or 8)")
+
+
+def add_run_arguments(parser) -> None:
+  """--smoke and --out, and the parent-to-child flags of `run_rounds`."""
+  parser.add_argument('--smoke', action='store_true',
+                      help='tiny and fast: checks that the script runs')
+  parser.add_argument('--out', default=None)
+  parser.add_argument('--config_json', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--child_json', default=None, help=argparse.SUPPRESS)
 
 
 def random_batch(spec: ModelSpec, batch_size: int, seed: int = 0,

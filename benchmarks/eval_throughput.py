@@ -39,11 +39,7 @@ def _parse_args(argv):
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--rounds', type=int, default=1,
                       help='alternate the configs this many times')
-  parser.add_argument('--smoke', action='store_true',
-                      help='tiny and fast: checks that the script runs')
-  parser.add_argument('--out', default=None)
-  parser.add_argument('--config_json', default=None, help=argparse.SUPPRESS)
-  parser.add_argument('--child_json', default=None, help=argparse.SUPPRESS)
+  common.add_run_arguments(parser)
   args = parser.parse_args(argv)
   if args.smoke:
     args.model, args.batch, args.steps, args.warmup = 'digits', '8', 3, 1

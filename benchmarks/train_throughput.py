@@ -83,11 +83,7 @@ def _parse_args(argv):
   parser.add_argument('--scaling_models', default=','.join(SCALING_MODELS))
   parser.add_argument('--scaling_batches',
                       default=','.join(map(str, SCALING_BATCHES)))
-  parser.add_argument('--smoke', action='store_true',
-                      help='tiny and fast: checks that the script runs')
-  parser.add_argument('--out', default=None)
-  parser.add_argument('--config_json', default=None, help=argparse.SUPPRESS)
-  parser.add_argument('--child_json', default=None, help=argparse.SUPPRESS)
+  common.add_run_arguments(parser)
   args = parser.parse_args(argv)
   if args.smoke:
     args.model, args.batch, args.steps, args.warmup = 'digits', '8', 3, 1
