@@ -83,14 +83,22 @@ def read(path):
     return f.read()
 
 
+# Runs argv[1:] with SIGINT at its default: a test run started as a
+# background job inherits SIGINT ignored, which would hide Ctrl-C handling.
+SIGINT_DEFAULT = [
+    sys.executable, '-c',
+    'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
+    'os.execv(sys.argv[1], sys.argv[1:])']
+
+
 def start(workdir, tfds_dir, *extra):
   """Starts training; its stdout and stderr go to files (no pipe to fill)."""
   log = f'{workdir}.{time.time_ns()}.log'
   os.makedirs(os.path.dirname(log), exist_ok=True)
   with open(log + '.out', 'w') as out, open(log, 'w') as err:
-    process = subprocess.Popen(command(workdir, *extra), cwd=REPO,
-                               env=environment(tfds_dir), stdout=out,
-                               stderr=err)
+    process = subprocess.Popen(SIGINT_DEFAULT + command(workdir, *extra),
+                               cwd=REPO, env=environment(tfds_dir),
+                               stdout=out, stderr=err)
   process.log = log  # stderr.
   return process
 
