@@ -6,7 +6,9 @@ images. Peers' weights are re-drawn with unit-scale LayerNorms/biases so every
 tensor of the mapping matters.
 """
 
+import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -87,6 +89,42 @@ def test_hf_random_model_gives_our_logits(hidden_act, approximate):
   x = images((32, 32))
   assert rel_error(our_logits(config, 5, params, x),
                    torch_logits(model, x)) < RTOL
+
+
+@pytest.mark.parametrize('hidden_act', ['gelu', 'gelu_pytorch_tanh'])
+def test_hf_gradients_are_our_gradients(hidden_act):
+  """PyTorch's autograd is the reference for our hand-written gradients."""
+  model = hf_model(hidden_act)
+  config = hf.hf_config_to_model_config(model.config.to_dict())
+  params = hf.from_hf_state_dict(torch_state_dict(model), num_heads=4)
+  x = images((32, 32), batch=3)
+  logit_weights = np.random.default_rng(1).normal(size=(3, 5))
+
+  torch_x = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+  torch_loss = (model(torch_x).logits *
+                torch.from_numpy(logit_weights).float()).sum()
+  torch_loss.backward()
+  torch_grads = {name: p.grad.numpy() for name, p in model.named_parameters()}
+  expected = hf.from_hf_state_dict(torch_grads, num_heads=4)
+
+  ours = registry.build_model(config, 5)
+
+  def loss(params, x):
+    return jnp.sum(ours.apply({'params': params}, x) * logit_weights)
+
+  grads, grad_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  flat_ours = flax.traverse_util.flatten_dict(grads, sep='/')
+  flat_expected = flax.traverse_util.flatten_dict(expected, sep='/')
+  assert set(flat_ours) == set(flat_expected)
+  scale = max(np.abs(v).max() for v in flat_expected.values())
+  for key, value in flat_expected.items():
+    if np.abs(value).max() < 1e-6 * scale:
+      # The key bias cannot change a softmax over keys: both are ~0.
+      assert np.abs(flat_ours[key]).max() < 1e-6 * scale, key
+    else:
+      assert rel_error(flat_ours[key], value) < 1e-4, key
+  assert rel_error(grad_x,
+                   torch_x.grad.numpy().transpose(0, 2, 3, 1)) < 1e-4
 
 
 def test_hf_non_square_images_and_grid():
