@@ -1,7 +1,7 @@
 """Hand-written gradients (vit_jax/models/ops.py) against autodiff.
 
 Each op's gradient is compared with JAX's autodiff of the plain formula in
-float64-free float32 (tight tolerance) and, for bfloat16 operands, with the
+float32 (tight tolerance) and, for bfloat16 operands, with the
 float32 gradient (bf16 tolerance). The whole model's gradients are compared
 with PyTorch's in tests/test_peers.py.
 """

@@ -185,3 +185,8 @@ def _dense_bwd(residuals, grad):
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense_in(dtype: Dtype, x: Array, kernel: Array, bias: Array) -> Array:
+  """`dense` with `x` and `kernel` cast to the compute `dtype` first."""
+  return dense(x.astype(dtype), kernel.astype(dtype), bias)
