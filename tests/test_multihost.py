@@ -11,9 +11,11 @@ losses and final parameters must agree within float tolerance.
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -21,6 +23,7 @@ import pytest
 
 from configs import digits_pretrain
 from vit_jax import input_pipeline
+from vit_jax import preemption
 from vit_jax import train
 from vit_jax import train_checkpoints
 
@@ -42,11 +45,12 @@ def free_port():
     return s.getsockname()[1]
 
 
-def launch(workdir, tfds_dir, total_steps, port, log_dir):
+def launch(workdir, tfds_dir, total_steps, port, log_dir, *extra):
   """Starts the processes; each writes its output to its own log file."""
   processes = []
   for index in range(PROCESSES):
     flags = [f'--config.{key}={value}' for key, value in OVERRIDES.items()]
+    flags += list(extra)
     command = [
         sys.executable, '-m', 'vit_jax.main', f'--config={DIGITS}',
         f'--workdir={workdir}', f'--config.total_steps={total_steps}', *flags,
@@ -136,3 +140,55 @@ def test_two_processes_train_checkpoint_resume_like_one(tmp_path,
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-4),
                params, train_checkpoints.restore_params(reference)[0])
+
+
+def wait_for_logged_steps(workdir, count, processes):
+  """Polls metrics.jsonl until `count` steps are logged; fails if a process ends."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + TIMEOUT
+  while not (os.path.exists(path) and len(train_losses(workdir)) >= count):
+    for process, log in processes:
+      if process.poll() is not None:
+        with open(log) as f:
+          pytest.fail(f'a process ended early with status '
+                      f'{process.returncode}: {f.read()[-3000:]}')
+    if time.time() > deadline:
+      pytest.fail('training did not get far enough in time')
+    time.sleep(0.05)
+
+
+def test_sigterm_to_one_process_saves_every_process_at_one_step(tmp_path):
+  """A scheduler's SIGTERM to one host: all save the same step, then resume."""
+  tfds_dir = str(tmp_path / 'tfds')
+  workdir = str(tmp_path / 'multihost')
+  log_dir = str(tmp_path)
+  # Far more steps than the test waits for; checkpoints only on preemption.
+  processes = launch(workdir, tfds_dir, 5000, free_port(), log_dir,
+                     '--config.checkpoint_every=0')
+  try:
+    wait_for_logged_steps(workdir, 2, processes)
+    # Not the coordinator: the signal must travel from process 1 to process 0.
+    processes[1][0].send_signal(signal.SIGTERM)
+    for process, _ in processes:
+      process.wait(timeout=TIMEOUT)
+  finally:
+    for process, _ in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  outputs = []
+  for process, log in processes:
+    with open(log) as f:
+      outputs.append(f.read())
+    assert process.returncode == preemption.EXIT_CODE, outputs[-1][-3000:]
+    assert 'Traceback' not in outputs[-1]
+  directory = train_checkpoints.checkpoint_dir(workdir)
+  (step,) = [int(name) for name in os.listdir(directory) if name.isdigit()]
+  assert 2 <= step < 5000
+  for output in outputs:
+    assert f'preempted (SIGTERM) at step {step}/5000' in output, output[-3000:]
+
+  resumed = run_processes(workdir, tfds_dir, step + 2, log_dir)
+  assert f'resuming from step {step}' in resumed[0]
+  assert train_checkpoints.restore_params(workdir)[1] == step + 2
+  assert sorted(train_losses(workdir))[-1] == step + 2
