@@ -111,6 +111,8 @@ def _run(config: ml_collections.ConfigDict) -> None:
   config.seed = 0  # Parameter init, dropout and data order.
   # Fine-tune from an official .npz, a HF directory or a training workdir.
   config.init_from = ''
+  # With a training workdir as init_from: '' (latest), a step, or 'best'.
+  config.init_from_step = ''
   config.init_posemb_method = 'bilinear'  # Or 'bicubic'.
   # Start from a zero head even when the class count matches (official).
   config.init_reset_head = True
@@ -118,6 +120,11 @@ def _run(config: ml_collections.ConfigDict) -> None:
   config.eval_every = 1000  # 0: only at the end.
   config.checkpoint_every = 1000  # 0: only at the end.
   config.keep_checkpoints = 3
+  # An eval metric ('test/accuracy', 'validation/loss', ...): also keep the
+  # checkpoint with its best value (accuracy highest, loss lowest), saved at
+  # the eval that reached it. '' keeps only the latest. Read it back with
+  # --step=best (export, predict) or init_from_step='best'.
+  config.best_checkpoint_metric = ''
   config.sharding_rule = 'replicate'  # How params and optimizer state shard.
   config.multihost = ml_collections.ConfigDict({
       'initialize': False,  # Call jax.distributed.initialize at start-up.

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import zipfile
 import zlib
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from absl import logging
 import jax
@@ -45,6 +45,10 @@ from vit_jax import posemb as posemb_lib
 from vit_jax.interop import hf as hf_interop
 from vit_jax.interop import timm as timm_interop
 from vit_jax.models import registry
+
+# Which checkpoint of a training workdir: None (the latest), 'best' (by the
+# run's best_checkpoint_metric) or a step number.
+StepChoice = Union[int, str, None]
 
 POSEMB = 'Transformer/posembed_input/pos_embedding'
 HF_CARD = 'model_card.json'
@@ -434,7 +438,7 @@ def load_timm_safetensors(path: str, model_config: Any) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str, model_config: Any = None, *,
-                    step: Optional[int] = None
+                    step: StepChoice = None
                     ) -> tuple[dict[str, Any], Optional[Any]]:
   """Loads any supported checkpoint; returns (params, model config or None).
 
@@ -469,6 +473,20 @@ def load_checkpoint(path: str, model_config: Any = None, *,
   return load_npz(path), config
 
 
+def parse_step(value: StepChoice, what: str = 'step') -> StepChoice:
+  """A checkpoint choice from a flag or config value: None (latest), 'best'
+  or a step number. `what` names the flag or key in the error."""
+  if value is None or isinstance(value, int):
+    return value
+  text = str(value).strip()
+  if not text:
+    return None
+  if text == 'best' or text.isdigit():
+    return text if text == 'best' else int(text)
+  raise ValueError(f'{what}={value!r}: expected a step number, "best", or '
+                   'nothing for the latest checkpoint')
+
+
 def read_card(path: str) -> dict[str, Any]:
   """The JSON model card beside an export (empty dict when absent)."""
   card = card_path(path)
@@ -484,7 +502,7 @@ def is_workdir(path: str) -> bool:
   return os.path.isfile(config) and 'model' in _read_json(config)
 
 
-def load_workdir(path: str, step: Optional[int] = None
+def load_workdir(path: str, step: StepChoice = None
                  ) -> tuple[dict[str, Any], ml_collections.ConfigDict, int]:
   """Params, model config and step of a training workdir.
 

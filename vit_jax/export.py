@@ -35,8 +35,9 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string('checkpoint', None, 'Training workdir, .npz file, '
                     'timm .safetensors file or HF ViT directory.',
                     flag_values=FLAGS)
-flags.DEFINE_integer('step', None, 'Step to export from a workdir '
-                     '(default: the latest).', flag_values=FLAGS)
+flags.DEFINE_string('step', None, 'Step to export from a workdir: a number, '
+                    '"best" (its best_checkpoint_metric), or the latest by '
+                    'default.', flag_values=FLAGS)
 flags.DEFINE_enum('format', None, list(FORMATS), 'Output format.',
                   flag_values=FLAGS)
 flags.DEFINE_string('out', None, 'Output file (npz, timm) or directory (hf).',
@@ -62,7 +63,7 @@ class Source:
   classes: Optional[list[str]] = None
 
 
-def load_source(path: str, *, step: Optional[int] = None) -> Source:
+def load_source(path: str, *, step: ckpt.StepChoice = None) -> Source:
   """Reads a workdir, npz, timm safetensors or HF directory for export."""
   path = os.fspath(path)
   if os.path.isdir(path) and ckpt.is_workdir(path):
@@ -82,7 +83,7 @@ def load_source(path: str, *, step: Optional[int] = None) -> Source:
 
 
 def export(checkpoint: str, fmt: str, out: str, *,
-           step: Optional[int] = None, model: Optional[str] = None,
+           step: ckpt.StepChoice = None, model: Optional[str] = None,
            class_names: Optional[Sequence[str]] = None,
            image_size: Optional[Sequence[int]] = None) -> list[str]:
   """Exports `checkpoint` as `fmt` to `out`; returns the paths written.
@@ -220,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     class_names = (_read_class_names(FLAGS.class_names)
                    if FLAGS.class_names else None)
     written = export(FLAGS.checkpoint, FLAGS.format, FLAGS.out,
-                     step=FLAGS.step, model=FLAGS.model,
+                     step=ckpt.parse_step(FLAGS.step), model=FLAGS.model,
                      class_names=class_names,
                      image_size=_parse_image_size(FLAGS.image_size))
   except (ValueError, OSError) as e:  # CheckpointError is a ValueError.

@@ -36,7 +36,7 @@ class Classifier:
 
 
 def load_classifier(checkpoint: str, *, model: Optional[str] = None,
-                    step: Optional[int] = None,
+                    step: ckpt.StepChoice = None,
                     image_size: Optional[Sequence[int]] = None,
                     class_names_file: Optional[str] = None) -> Classifier:
   """Loads `checkpoint` with everything known about it.

@@ -39,7 +39,7 @@ def format_predictions(paths: Sequence[str], predictions) -> str:
 
 
 def predict(checkpoint: str, image_paths: Sequence[str], *, k: int = 5,
-            model: Optional[str] = None, step: Optional[int] = None,
+            model: Optional[str] = None, step: ckpt.StepChoice = None,
             class_names_file: Optional[str] = None) -> list:
   """Loads the checkpoint and returns top-k predictions for each image."""
   classifier = inference.load_classifier(
@@ -59,8 +59,9 @@ def define_flags() -> None:
   flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
   flags.DEFINE_string('model', None, 'Architecture when the checkpoint has '
                       'no model config (e.g. B/16).')
-  flags.DEFINE_integer('step', None, 'Training step of a workdir (default: '
-                       'the latest).')
+  flags.DEFINE_string('step', None, 'Training step of a workdir: a number, '
+                      '"best" (its best_checkpoint_metric), or the latest by '
+                      'default.')
   flags.DEFINE_string('class_names', None, 'A text file with one class name '
                       'per line, in label order.')
 
@@ -71,7 +72,8 @@ def main(argv: Sequence[str]) -> None:
   paths = list(flag_values.images) + list(argv[1:])
   try:
     predictions = predict(flag_values.checkpoint, paths, k=flag_values.top_k,
-                          model=flag_values.model, step=flag_values.step,
+                          model=flag_values.model,
+                          step=ckpt.parse_step(flag_values.step),
                           class_names_file=flag_values.class_names)
   except (ckpt.CheckpointError, ValueError, FileNotFoundError) as error:
     sys.exit(f'predict: error: {error}')

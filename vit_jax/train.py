@@ -110,6 +110,9 @@ def validate_config(config: ml_collections.ConfigDict,
     if config[key] < 0:
       raise ValueError(f'{key} must be 0 (only at the end) or positive, got '
                        f'{config[key]}')
+  # Imported here: only this check and fine-tuning need the module.
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint.parse_step(config.get('init_from_step'), 'init_from_step')
   if config.batch_size % config.accum_steps:
     raise ValueError(f'batch_size={config.batch_size} is not divisible by '
                      f'accum_steps={config.accum_steps}')
@@ -122,11 +125,19 @@ def validate_config(config: ml_collections.ConfigDict,
 
 def validate_data(config: ml_collections.ConfigDict,
                   info: input_pipeline.DatasetInfo) -> None:
-  """Raises ValueError when the dataset cannot fill one training batch."""
+  """Raises ValueError when the dataset cannot fill one training batch, or
+  `best_checkpoint_metric` is not one of its eval metrics."""
   if config.batch_size > info.num_train_examples:
     raise ValueError(f'batch_size={config.batch_size} is larger than the '
                      f'train split of {info.name} ({info.num_train_examples} '
                      'examples)')
+  metric = config.get('best_checkpoint_metric') or ''
+  choices = [f'{split}/{name}' for split in info.num_eval_examples
+             for name in ('accuracy', 'loss')]
+  if metric and metric not in choices:
+    raise ValueError(f'best_checkpoint_metric={metric!r} is not an eval '
+                     f'metric of {info.name}; choose one of '
+                     f'{", ".join(choices)}')
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -388,7 +399,9 @@ def _pretrained_params(config: ml_collections.ConfigDict,
   # Imported here: only fine-tuning runs need the interchange formats.
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   try:
-    loaded, _ = checkpoint.load_checkpoint(config.init_from)
+    loaded, _ = checkpoint.load_checkpoint(
+        config.init_from, step=checkpoint.parse_step(
+            config.get('init_from_step'), 'init_from_step'))
   except checkpoint.CheckpointError as error:
     raise checkpoint.CheckpointError(f'init_from: {error}') from None
   reset = config.init_reset_head
@@ -511,16 +524,30 @@ def _log_train(run: Run, step: int, window: _MetricWindow) -> None:
   run.logger.log_train(step, means)
 
 
-def _save(run: Run, step: int, state: TrainState) -> None:
-  """Saves `state`, but never a diverged one."""
+def _save(run: Run, step: int, state: TrainState,
+          eval_results: Optional[dict[str, float]] = None) -> None:
+  """Saves `state` (with the eval results of `step`), never a diverged one."""
   if not bool(all_finite(state.params)):
     raise _diverged(run, step, 'a parameter')
-  run.checkpointer.save(step, state)
+  run.checkpointer.save(step, state, metrics=eval_results)
+
+
+def _is_new_best(run: Run, eval_results: Optional[dict[str, float]]) -> bool:
+  """Whether `eval_results` beat every checkpoint's `best_checkpoint_metric`."""
+  metric = run.checkpointer.best_metric
+  if not metric or eval_results is None:
+    return False
+  _, best_score = run.checkpointer.best()
+  return train_checkpoints.metric_score(metric, eval_results) > best_score
 
 
 def _periodic_actions(run: Run, step: int, state: TrainState,
                       window: _MetricWindow) -> Optional[dict[str, float]]:
-  """Logging, eval and checkpointing due at `step`; returns eval results."""
+  """Logging, eval and checkpointing due at `step`; returns eval results.
+
+  A checkpoint is due every `checkpoint_every` steps, and at an eval that
+  sets a new best `best_checkpoint_metric`.
+  """
   config, total = run.config, run.total_steps
   eval_results = None
   if _is_due(step, config.log_every, total):
@@ -528,18 +555,19 @@ def _periodic_actions(run: Run, step: int, state: TrainState,
   if _is_due(step, config.eval_every, total):
     eval_results = evaluate(run, state.params)
     run.logger.log_eval(step, eval_results)
-  if _is_due(step, config.checkpoint_every, total):
-    _save(run, step, state)
-  if eval_results is not None or _is_due(step, config.checkpoint_every,
-                                         total):
+  if (_is_due(step, config.checkpoint_every, total) or
+      _is_new_best(run, eval_results)):
+    _save(run, step, state, eval_results)
     run.logger.start_window(step)  # Time training steps only.
+  elif eval_results is not None:
+    run.logger.start_window(step)
   return eval_results
 
 
 def _stop_for_preemption(run: Run, step: int, state: TrainState,
                          signal_name: str) -> NoReturn:
   """Saves `step` (unless just saved), waits for it, raises Preempted."""
-  if not _is_due(step, run.config.checkpoint_every, run.total_steps):
+  if run.checkpointer.latest_step() != step:
     _save(run, step, state)
   run.checkpointer.wait()  # The scheduler's SIGKILL may follow soon.
   raise preemption.Preempted(step, run.total_steps,
@@ -582,6 +610,7 @@ def _results(run: Run, eval_results: dict, wall_seconds: float) -> dict:
       'warmup_steps': run.durations.warmup_steps,
       'final_eval': eval_results,
       'best_eval_accuracy': dict(run.logger.best_accuracy),
+      'best_checkpoint_step': run.checkpointer.best()[0],
       'wall_time_sec': wall_seconds,
       'train_img_per_sec': run.logger.throughput(),
       'num_devices': run.mesh.size,
@@ -617,7 +646,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_checkpoints.check_workdir_config(workdir, config)
   train_checkpoints.check_workdir_writable(workdir)
   run.checkpointer = train_checkpoints.Checkpointer(
-      workdir, keep=config.keep_checkpoints)
+      workdir, keep=config.keep_checkpoints,
+      best_metric=config.get('best_checkpoint_metric') or '')
   try:
     train_checkpoints.write_config(workdir, config)
     if jax.process_index() == 0:

@@ -7,6 +7,12 @@ keeping the last `keep` steps. Params, optimizer state and the small `meta`
 item (step and RNG) are separate items, so `restore_params` reads the
 parameters without knowing which optimizer wrote them.
 
+With a `best_metric` (config `best_checkpoint_metric`, e.g. 'test/accuracy')
+the manager also keeps the checkpoint with the best value of that eval
+metric, on top of the latest `keep`: orbax's preservation policies
+(`LatestN` or `BestN`) decide what is deleted, and the eval metrics saved
+with each checkpoint say which is best, also after a resume.
+
 The data position needs no saving: the input pipeline's order is a function
 of (seed, step).
 """
@@ -15,12 +21,14 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Optional
+import math
+from typing import Any, Mapping, Optional, Union
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
@@ -51,6 +59,32 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
+def metric_score(metric: str, metrics: Optional[Mapping[str, Any]]) -> float:
+  """How good `metrics[metric]` is, higher is better (-inf when absent).
+
+  A loss ('.../loss') is better when lower, anything else when higher.
+  """
+  if not metrics or metric not in metrics:
+    return -math.inf
+  value = float(metrics[metric])
+  return -value if metric.endswith('/loss') else value
+
+
+def _scorer(metric: str):
+  return lambda metrics: metric_score(metric, metrics)
+
+
+def _preservation_policy(keep: int, best_metric: str):
+  """The latest `keep` checkpoints, and the best one by `best_metric`."""
+  latest = checkpoint_managers.LatestN(n=keep)
+  if not best_metric:
+    return latest
+  best = checkpoint_managers.BestN(
+      get_metric_fn=_scorer(best_metric), n=1,
+      keep_checkpoints_without_metrics=False)
+  return checkpoint_managers.AnyPreservationPolicy([latest, best])
+
+
 class Checkpointer:
   """Saves and restores train states in `workdir/checkpoints`.
 
@@ -60,13 +94,19 @@ class Checkpointer:
   Args:
     workdir: the run's directory.
     keep: how many of the latest checkpoints to keep.
+    best_metric: an eval metric ('test/accuracy', 'validation/loss', ...):
+      also keep the checkpoint with its best value. '' for none.
   """
 
-  def __init__(self, workdir: str, *, keep: int):
+  def __init__(self, workdir: str, *, keep: int, best_metric: str = ''):
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=True,
+        preservation_policy=_preservation_policy(keep, best_metric),
+        # With a best_fn orbax writes each save's metrics next to it.
+        best_fn=_scorer(best_metric) if best_metric else None,
+        create=True, enable_async_checkpointing=True,
         # Removes half-written step directories left by a killed run.
         cleanup_tmp_directories=True)
+    self.best_metric = best_metric
     self._directory = checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
         self._directory, item_names=_ITEMS, options=options)
@@ -109,8 +149,18 @@ class Checkpointer:
     """Steps of all complete checkpoints, oldest first."""
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any) -> None:
-    """Starts saving `state` as `step`; returns once it is safe to donate it."""
+  def best(self) -> tuple[Optional[int], float]:
+    """(step, score) of the best checkpoint by `best_metric` (see
+    `metric_score`); (None, -inf) when none was saved with that metric."""
+    return best_checkpoint(self._manager, self.best_metric)
+
+  def save(self, step: int, state: Any,
+           metrics: Optional[Mapping[str, float]] = None) -> None:
+    """Starts saving `state` as `step`; returns once it is safe to donate it.
+
+    `metrics` (eval results at `step`) are kept with the checkpoint and rank
+    it for `best_metric`.
+    """
     meta = {'step': state.step, 'rng': state.rng}
     # orbax would wait for the previous save anyway; waiting first makes
     # the free-space figure count its bytes.
@@ -123,6 +173,8 @@ class Checkpointer:
               params=ocp.args.StandardSave(state.params),
               opt_state=ocp.args.StandardSave(state.opt_state),
               meta=ocp.args.StandardSave(meta)),
+          # Saves without an eval rank last (an empty dict scores -inf).
+          metrics=dict(metrics or {}) if self.best_metric else None,
           force=True)  # The training loop decides the cadence.
     except (OSError, ValueError) as error:  # Also a failed earlier save.
       raise self._write_failed(error) from error
@@ -160,14 +212,46 @@ class Checkpointer:
       self._manager.close()
 
 
+def best_checkpoint(manager: ocp.CheckpointManager,
+                    metric: str) -> tuple[Optional[int], float]:
+  """(step, score) of `manager`'s best checkpoint by `metric`."""
+  best_step, best_score = None, -math.inf
+  if not metric:
+    return best_step, best_score
+  for step in sorted(manager.all_steps()):
+    score = metric_score(metric, manager.metrics(step))
+    if score > best_score:
+      best_step, best_score = step, score
+  return best_step, best_score
+
+
+def _best_step_of(manager: ocp.CheckpointManager, workdir: str) -> int:
+  """The step of the best checkpoint, by the metric in workdir's config."""
+  config_path = os.path.join(os.path.abspath(workdir), CONFIG_FILE)
+  metric = ''
+  if os.path.isfile(config_path):
+    with open(config_path) as f:
+      metric = json.load(f).get('best_checkpoint_metric') or ''
+  if not metric:
+    raise FileNotFoundError(
+        f'step=best: {workdir} has no best checkpoint (its config.json sets '
+        'no best_checkpoint_metric)')
+  step, _ = best_checkpoint(manager, metric)
+  if step is None:
+    raise FileNotFoundError(f'step=best: no checkpoint in {workdir} was saved '
+                            f'with eval metric {metric!r}')
+  return step
+
+
 def restore_params(workdir: str,
-                   step: Optional[int] = None) -> tuple[Any, int]:
+                   step: Union[int, str, None] = None) -> tuple[Any, int]:
   """Reads only the parameters of a training workdir's checkpoint.
 
   Args:
     workdir: a directory written by `vit_jax.main` (or its `checkpoints`
       subdirectory).
-    step: which checkpoint; None for the latest.
+    step: which checkpoint: None for the latest, 'best' for the best by the
+      run's `best_checkpoint_metric`, or a step number.
 
   Returns:
     (params as a nested dict of numpy arrays, the checkpoint's step).
@@ -187,6 +271,8 @@ def restore_params(workdir: str,
     steps = manager.all_steps()
     if step is None:
       step = manager.latest_step()
+    elif step == 'best':
+      step = _best_step_of(manager, os.path.dirname(directory))
     if step is None or step not in steps:
       raise FileNotFoundError(
           f'no checkpoint for step {step} in {directory}; available: '
