@@ -74,6 +74,22 @@ def test_a_loss_keeps_the_lowest(tmp_path):
   saver.close()
 
 
+def test_on_a_tie_the_later_checkpoint_is_the_best(tmp_path):
+  saver = _save_all(str(tmp_path), 'test/accuracy', [0.5, 0.2, 0.5], keep=1)
+  assert saver.all_steps() == [3]  # orbax's BestN keeps the later one.
+  assert saver.best() == (3, 0.5)
+  saver.close()
+
+
+def test_the_best_is_tracked_while_saves_are_in_flight(tmp_path):
+  saver = train_checkpoints.Checkpointer(str(tmp_path), keep=1,
+                                         best_metric='test/accuracy')
+  for step, accuracy in enumerate([0.3, 0.6, 0.4], start=1):
+    saver.save(step, _state(step), metrics={'test/accuracy': accuracy})
+    assert saver.best() == ((2, 0.6) if step >= 2 else (1, 0.3))
+  saver.close()
+
+
 def test_without_a_metric_only_the_latest_are_kept(tmp_path):
   saver = _save_all(str(tmp_path), '', [0.9, 0.1, 0.2])
   assert saver.all_steps() == [2, 3]

@@ -110,6 +110,10 @@ class Checkpointer:
     self._directory = checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
         self._directory, item_names=_ITEMS, options=options)
+    # Read from disk once, then kept up to date by `save`: every process
+    # must take the same save decisions, whatever state the files of an
+    # in-flight asynchronous save are in.
+    self._best = best_checkpoint(self._manager, best_metric)
 
   def _write_failed(self, error: Exception) -> CheckpointWriteError:
     """One line: what failed, and which complete checkpoints remain."""
@@ -152,7 +156,7 @@ class Checkpointer:
   def best(self) -> tuple[Optional[int], float]:
     """(step, score) of the best checkpoint by `best_metric` (see
     `metric_score`); (None, -inf) when none was saved with that metric."""
-    return best_checkpoint(self._manager, self.best_metric)
+    return self._best
 
   def save(self, step: int, state: Any,
            metrics: Optional[Mapping[str, float]] = None) -> None:
@@ -178,6 +182,10 @@ class Checkpointer:
           force=True)  # The training loop decides the cadence.
     except (OSError, ValueError) as error:  # Also a failed earlier save.
       raise self._write_failed(error) from error
+    if self.best_metric:
+      score = metric_score(self.best_metric, metrics)
+      if score > -math.inf and score >= self._best[1]:  # As `best_checkpoint`.
+        self._best = (step, score)
 
   def restore(self, step: int, target: Any) -> Any:
     """Restores checkpoint `step` into the shapes/shardings of `target`.
@@ -220,7 +228,8 @@ def best_checkpoint(manager: ocp.CheckpointManager,
     return best_step, best_score
   for step in sorted(manager.all_steps()):
     score = metric_score(metric, manager.metrics(step))
-    if score > best_score:
+    # On a tie the later step wins, as in orbax's BestN (a stable sort).
+    if score > -math.inf and score >= best_score:
       best_step, best_score = step, score
   return best_step, best_score
 
