@@ -10,7 +10,7 @@ parameters without knowing which optimizer wrote them.
 With a `best_metric` (config `best_checkpoint_metric`, e.g. 'test/accuracy')
 the manager also keeps the checkpoint with the best value of that eval
 metric, on top of the latest `keep`: orbax's preservation policies
-(`LatestN` or `BestN`) decide what is deleted, and the eval metrics saved
+(`LatestN` and `BestN`) decide what is deleted, and the eval metrics saved
 with each checkpoint say which is best, also after a resume.
 
 The data position needs no saving: the input pipeline's order is a function
@@ -18,10 +18,10 @@ of (seed, step).
 """
 
 import json
+import math
 import os
 import shutil
 import tempfile
-import math
 from typing import Any, Mapping, Optional, Union
 
 import jax
