@@ -555,12 +555,12 @@ def _periodic_actions(run: Run, step: int, state: TrainState,
   if _is_due(step, config.eval_every, total):
     eval_results = evaluate(run, state.params)
     run.logger.log_eval(step, eval_results)
-  if (_is_due(step, config.checkpoint_every, total) or
-      _is_new_best(run, eval_results)):
+  save = (_is_due(step, config.checkpoint_every, total) or
+          _is_new_best(run, eval_results))
+  if save:
     _save(run, step, state, eval_results)
+  if save or eval_results is not None:
     run.logger.start_window(step)  # Time training steps only.
-  elif eval_results is not None:
-    run.logger.start_window(step)
   return eval_results
 
 
