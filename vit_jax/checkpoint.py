@@ -481,8 +481,10 @@ def parse_step(value: StepChoice, what: str = 'step') -> StepChoice:
   text = str(value).strip()
   if not text:
     return None
-  if text == 'best' or text.isdigit():
-    return text if text == 'best' else int(text)
+  if text == 'best':
+    return text
+  if text.isdigit():
+    return int(text)
   raise ValueError(f'{what}={value!r}: expected a step number, "best", or '
                    'nothing for the latest checkpoint')
 
