@@ -22,6 +22,8 @@ batch is padded, and 'mask' marks real examples (1) and padding (0); every
 process yields the same number of batches.
 """
 
+from __future__ import annotations
+
 import abc
 import concurrent.futures
 import dataclasses
@@ -35,9 +37,9 @@ from typing import Iterator
 import jax
 import numpy as np
 from PIL import Image
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import lazy_imports
 from vit_jax import preprocess
 from vit_jax.datasets import presets
 
@@ -46,11 +48,12 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 CLASS_NAMES_FILE = 'class_names.json'
 
 _FOREVER = 2**62  # End of the infinite index ranges (int64).
-_AUTOTUNE = tf.data.AUTOTUNE
 # Tags that give the shuffle, augmentation and mixup streams distinct seeds.
 _SHUFFLE, _AUGMENT, _MIXUP, _EVAL = range(4)
 
 logger = logging.getLogger(__name__)
+# Loads when the first pipeline is built (see lazy_imports).
+tf = lazy_imports.LazyModule('tensorflow')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -558,7 +561,7 @@ def _train_dataset(source, split, pipeline, config, *, local_batch,
   load = source.load
   if config.cache:
     # Caches what `load` returns: encoded images, not decoded pixels.
-    records = records.map(load, num_parallel_calls=_AUTOTUNE).cache()
+    records = records.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
     load = _identity
   shard_size = source.num_examples(split, process_index, process_count)
   first = start_step * local_batch
@@ -584,7 +587,8 @@ def _train_dataset(source, split, pipeline, config, *, local_batch,
     return _finalize(example)
 
   ds = tf.data.Dataset.zip((positions, stream))
-  ds = ds.map(process, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
   if config.mixup_alpha > 0:
     ds = _mixup(ds, start_step, _derive_seed(seed, process_index, _MIXUP),
@@ -618,7 +622,7 @@ def _eval_dataset(source, split, pipeline, config, local_batch,
                                  seed=tf.stack([eval_seed, position])))
     return {**example, 'mask': tf.constant(1.0, tf.float32)}
 
-  ds = records.enumerate().map(process, num_parallel_calls=_AUTOTUNE,
+  ds = records.enumerate().map(process, num_parallel_calls=tf.data.AUTOTUNE,
                                deterministic=True)
   ds = ds.batch(local_batch)
   return _prefetch(ds, config).with_options(_options())

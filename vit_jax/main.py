@@ -134,7 +134,8 @@ def quiet_library_logs() -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
   """Exceptions that mean a wrong input, reported as one line."""
-  # Imported here so that flag errors are reported before TensorFlow loads.
+  # Imported here so that flag errors are reported before JAX loads; the
+  # input pipeline loads TensorFlow only when it reads data (lazy_imports).
   # pylint: disable=g-import-not-at-top
   from vit_jax import train
   from vit_jax import train_checkpoints

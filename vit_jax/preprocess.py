@@ -18,15 +18,20 @@ alone (the input pipeline derives it from the run seed and the example's
 position in the stream), independent of threads and of where a run resumed.
 """
 
+from __future__ import annotations
+
 import ast
 import dataclasses
 import inspect
 import re
 from typing import Any, Callable, Sequence
 
-import tensorflow as tf
+from vit_jax import lazy_imports
 
-Features = dict[str, tf.Tensor]
+# Loads when the first op runs (see lazy_imports).
+tf = lazy_imports.LazyModule('tensorflow')
+
+Features = dict[str, 'tf.Tensor']
 
 # The paper's inception crop samples 5%-100% of the image area.
 INCEPTION_AREA_RANGE = (0.05, 1.0)
