@@ -390,8 +390,9 @@ def _pretrained_params(config: ml_collections.ConfigDict,
                        init_params: Any) -> tuple[Any, str]:
   """Loads `config.init_from` and adapts it to the model (fine-tuning).
 
-  Returns the params and a summary of the surgery. The source may be an official .npz, a HF directory or a training workdir;
-  position embeddings are resampled to this run's patch grid
+  Returns the params and a summary of the surgery. The source may be an
+  official .npz, a HF directory or a training workdir; position embeddings
+  are resampled to this run's patch grid
   (`checkpoint.adapt_params`). With `init_reset_head` the head starts anew;
   without it the checkpoint's head is kept, so a different class count is
   an error rather than a silently new head.
@@ -425,8 +426,8 @@ def _pretrained_params(config: ml_collections.ConfigDict,
 def pretrained_params(run: Run) -> Optional[tuple[Any, str]]:
   """`config.init_from` fitted to the model (host arrays) and a summary.
 
-  None without `init_from`. Read before anything is written to the workdir, even when the run will
-  resume instead, so that a wrong `init_from` fails on the first try.
+  None without `init_from`. Read before anything is written to the workdir,
+  even when the run will resume instead, so that a wrong `init_from` fails on the first try.
   """
   if not run.config.init_from:
     return None
