@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from vit_jax import lazy_imports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,12 +24,9 @@ def test_lazy_module_imports_on_first_attribute_read():
 
 def test_lazy_module_of_a_missing_module_fails_on_use():
   missing = lazy_imports.LazyModule('no_such_module_xyz')
-  try:
+  with pytest.raises(ModuleNotFoundError) as error:
     missing.anything  # pylint: disable=pointless-statement
-  except ModuleNotFoundError as error:
-    assert error.name == 'no_such_module_xyz'
-  else:
-    raise AssertionError('expected ModuleNotFoundError')
+  assert error.value.name == 'no_such_module_xyz'
 
 
 def _modules_after(code: str) -> str:

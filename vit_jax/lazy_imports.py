@@ -23,4 +23,3 @@ class LazyModule(types.ModuleType):
     # Only called for attributes the proxy itself lacks; after the first
     # call `import_module` is a lookup in sys.modules.
     return getattr(importlib.import_module(self.__name__), attribute)
-
