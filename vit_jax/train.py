@@ -392,10 +392,10 @@ def _pretrained_params(config: ml_collections.ConfigDict,
 
   Returns the params and a summary of the surgery. The source may be an
   official .npz, a HF directory or a training workdir; position embeddings
-  are resampled to this run's patch grid
-  (`checkpoint.adapt_params`). With `init_reset_head` the head starts anew;
-  without it the checkpoint's head is kept, so a different class count is
-  an error rather than a silently new head.
+  are resampled to this run's patch grid (`checkpoint.adapt_params`). With
+  `init_reset_head` the head starts anew; without it the checkpoint's head
+  is kept, so a different class count is an error rather than a silently
+  new head.
   """
   # Imported here: only fine-tuning runs need the interchange formats.
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -427,7 +427,8 @@ def pretrained_params(run: Run) -> Optional[tuple[Any, str]]:
   """`config.init_from` fitted to the model (host arrays) and a summary.
 
   None without `init_from`. Read before anything is written to the workdir,
-  even when the run will resume instead, so that a wrong `init_from` fails on the first try.
+  even when the run will resume instead, so that a wrong `init_from` fails
+  on the first try.
   """
   if not run.config.init_from:
     return None
