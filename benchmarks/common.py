@@ -20,7 +20,10 @@ Conventions every benchmark follows:
     process per configuration (`run_isolated`), because it never goes down.
     JAX's CPU backend reports no `memory_stats()`, so XLA's own plan of the
     step (`compiled.memory_analysis()`: temporaries + arguments + outputs)
-    is reported next to it as `xla_mb`.
+    is reported next to it as `xla_mb`;
+  * malloc: every script starts through `run_script`, which restarts it
+    once with huge pages for malloc, as `python -m vit_jax.main` does
+    (`vit_jax.host_memory`); VIT_JAX_HUGE_PAGES=0 measures glibc's defaults.
 """
 
 import argparse
@@ -35,6 +38,8 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+
+from vit_jax import host_memory
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, 'benchmarks', 'results')
@@ -226,6 +231,13 @@ def time_steps(step: Callable[[], Any], *, warmup: int, steps: int,
   return timings
 
 
+def run_script(main: Callable[[], int]) -> None:
+  """A script's entry point: huge pages for malloc, then `main`'s status."""
+  # The configurations' fresh processes inherit the restarted environment.
+  host_memory.restart_with_huge_pages()
+  sys.exit(main())
+
+
 def compile_step(jitted, *args) -> tuple[Any, float]:
   """`jitted` lowered and compiled for `args`; returns (compiled, seconds)."""
   start = time.perf_counter()
@@ -383,6 +395,8 @@ def machine_info() -> dict[str, Any]:
       'backend': jax.default_backend(),
       'devices': jax.device_count(),
       'python': platform.python_version(),
+      'malloc_huge_pages': host_memory.HUGE_PAGES_TUNABLE + '=1' in
+                           os.environ.get(host_memory.TUNABLES, ''),
   }
 
 

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from vit_jax import host_memory
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_HEADERS = ('config', 'img/s', 'median ms', 'p10 ms', 'p90 ms',
                 'GFLOP/s', '% ceil', 'compile s', 'peak MB', 'XLA MB', 'others',
@@ -62,6 +64,10 @@ def test_train_throughput_smoke_runs_each_dtype(tmp_path):
       'digits b8 float32', 'digits b8 bfloat16']
   assert_step_rows(payload['results'], 2)
   assert payload['machine']['cpu_count'] >= 1
+  # Restarted with huge pages for malloc wherever glibc and the kernel can.
+  assert payload['machine']['malloc_huge_pages'] == (
+      host_memory.glibc_has_the_tunable() and
+      host_memory.kernel_has_huge_pages())
 
 
 @pytest.mark.slow

@@ -15,10 +15,18 @@ overrides: `--config=configs/demo.py --config.pretrain.total_steps=1000`.
 import os
 import time
 
+from vit_jax import host_memory
+
+if __name__ == '__main__':
+  # Before anything heavy loads: this may restart the command once.
+  host_memory.restart_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 import ml_collections
 
 from vit_jax import main as main_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Fine-tuning needs the pretrained checkpoint; the baseline can run anywhere.
 STAGES = ('pretrain', 'finetune', 'scratch')

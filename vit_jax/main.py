@@ -18,6 +18,12 @@ import pathlib
 import sys
 from typing import Callable, NoReturn, Optional, TypeVar
 
+from vit_jax import host_memory
+
+if __name__ == '__main__':
+  # Before anything heavy loads: this may restart the command once.
+  host_memory.restart_with_huge_pages()
+
 # Quiet TensorFlow (the input pipeline's) start-up messages.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
