@@ -395,8 +395,7 @@ def machine_info() -> dict[str, Any]:
       'backend': jax.default_backend(),
       'devices': jax.device_count(),
       'python': platform.python_version(),
-      'malloc_huge_pages': host_memory.HUGE_PAGES_TUNABLE + '=1' in
-                           os.environ.get(host_memory.TUNABLES, ''),
+      'malloc_huge_pages': host_memory.huge_pages_on(),
   }
 
 

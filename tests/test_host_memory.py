@@ -48,7 +48,8 @@ def _run(code: str, *args: str, **env: str) -> list[str]:
 _REPORT_THEN_RESTART = """
 import os, sys
 from vit_jax import host_memory
-print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True)
+print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:],
+      host_memory.huge_pages_on(), flush=True)
 host_memory.restart_with_huge_pages()
 """
 
@@ -57,13 +58,13 @@ host_memory.restart_with_huge_pages()
 def test_restart_happens_once_with_the_same_process_and_arguments():
   first, second = _run(_REPORT_THEN_RESTART, 'a', '--b=1')
   pid, tunables, args = first.split(' ', 2)
-  assert (tunables, args) == ('None', "['a', '--b=1']")
-  assert second == f"{pid} {HUGE} ['a', '--b=1']"
+  assert (tunables, args) == ('None', "['a', '--b=1'] False")
+  assert second == f"{pid} {HUGE} ['a', '--b=1'] True"
 
 
 def test_opt_out_runs_the_command_once_unchanged():
   (only,) = _run(_REPORT_THEN_RESTART, 'a', VIT_JAX_HUGE_PAGES='0')
-  assert only.split(' ', 1)[1] == "None ['a']"
+  assert only.split(' ', 1)[1] == "None ['a'] False"
 
 
 # Page faults of writing a freshly allocated 256 MiB block, as XLA's

@@ -58,11 +58,21 @@ def with_huge_pages(tunables: str) -> str:
   return ':'.join(filter(None, [tunables, HUGE_PAGES_TUNABLE + '=1']))
 
 
+def huge_pages_on() -> bool:
+  """True when this process started with glibc.malloc.hugetlb=1."""
+  tunables = os.environ.get(TUNABLES, '').split(':')
+  return HUGE_PAGES_TUNABLE + '=1' in tunables
+
+
 def glibc_has_the_tunable() -> bool:
+  """This process runs on Linux with glibc 2.35 or newer."""
   libc, version = platform.libc_ver()
   if platform.system() != 'Linux' or libc != 'glibc':
     return False
-  major, minor = (int(part) for part in version.split('.')[:2])
+  try:
+    major, minor = (int(part) for part in version.split('.')[:2])
+  except ValueError:  # An unreadable version: assume too old.
+    return False
   return (major, minor) >= (2, 35)
 
 
