@@ -26,7 +26,8 @@ def test_tunable_is_appended_to_existing_ones():
 @needs_huge_pages
 def test_restart_is_wanted_only_without_the_tunable_and_the_opt_out():
   assert host_memory.wants_restart({})
-  assert host_memory.wants_restart({'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'})
+  assert host_memory.wants_restart(
+      {'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'})
   assert not host_memory.wants_restart({'GLIBC_TUNABLES': HUGE})
   # A value the user chose, even 0, is left alone.
   assert not host_memory.wants_restart(

@@ -9,7 +9,9 @@ results.json; running the same command again resumes from the latest
 checkpoint. Mistakes in the config or the inputs end the run with one line on
 stderr and exit status 1 (`--traceback` shows the full trace). SIGTERM
 saves a checkpoint at the current step and exits with status 75; rerunning
-resumes (see docs/multihost.md).
+resumes (see docs/multihost.md). The command restarts itself once, at
+start, with huge pages for malloc (vit_jax/host_memory.py; opt out with
+VIT_JAX_HUGE_PAGES=0).
 """
 
 import logging as std_logging
