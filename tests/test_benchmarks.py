@@ -65,9 +65,7 @@ def test_train_throughput_smoke_runs_each_dtype(tmp_path):
   assert_step_rows(payload['results'], 2)
   assert payload['machine']['cpu_count'] >= 1
   # Restarted with huge pages for malloc wherever glibc and the kernel can.
-  assert payload['machine']['malloc_huge_pages'] == (
-      host_memory.glibc_has_the_tunable() and
-      host_memory.kernel_has_huge_pages())
+  assert payload['machine']['malloc_huge_pages'] == host_memory.supported()
 
 
 @pytest.mark.slow

@@ -12,8 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUGE = 'glibc.malloc.hugetlb=1'
 
 needs_huge_pages = pytest.mark.skipif(
-    not (host_memory.glibc_has_the_tunable()
-         and host_memory.kernel_has_huge_pages()),
+    not host_memory.supported(),
     reason='needs glibc 2.35+ and transparent huge pages')
 
 

@@ -50,6 +50,11 @@ def wants_restart(env: Mapping[str, str]) -> bool:
     return False
   if HUGE_PAGES_TUNABLE + '=' in env.get(TUNABLES, ''):
     return False  # Already restarted, or chosen by the user.
+  return supported()
+
+
+def supported() -> bool:
+  """glibc has the tunable and the kernel has transparent huge pages."""
   return glibc_has_the_tunable() and kernel_has_huge_pages()
 
 
