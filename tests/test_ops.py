@@ -51,14 +51,29 @@ def test_dense_matches_autodiff_for_any_leading_axes(leading):
 def test_dense_in_bfloat16_accumulates_in_float32():
   x, kernel = normal(0, (4, 16, 32)), normal(1, (32, 24))
   bias, cotangent = normal(2, (24,)), normal(3, (4, 16, 24))
+  exact = grads_of(plain_dense, (x, kernel, bias), cotangent)
   low = (x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), bias)
-  out = ops.dense(*low)
-  assert out.dtype == jnp.float32
+  assert ops.dense(*low).dtype == jnp.float32
   grads = grads_of(ops.dense, low, cotangent)
   assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16,
                                       jnp.float32]
-  exact = grads_of(plain_dense, (x, kernel, bias), cotangent)
   assert_close([g.astype(jnp.float32) for g in grads], exact, 2e-2)
+
+
+def test_dense_casts_float32_inputs_and_returns_float32_gradients():
+  x, kernel = normal(0, (4, 16, 32)), normal(1, (32, 24))
+  bias, cotangent = normal(2, (24,)), normal(3, (4, 16, 24))
+  exact = grads_of(plain_dense, (x, kernel, bias), cotangent)
+  in_bf16 = lambda *a: ops.dense(*a, dtype=jnp.bfloat16)  # noqa: E731
+  low = (x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), bias)
+  np.testing.assert_array_equal(in_bf16(x, kernel, bias), ops.dense(*low))
+  grads = grads_of(in_bf16, (x, kernel, bias), cotangent)
+  assert [g.dtype for g in grads] == [jnp.float32] * 3
+  assert_close(grads, exact, 2e-2)
+  # The x and kernel gradients are the bf16-input ones before rounding.
+  rounded = grads_of(ops.dense, low, cotangent)
+  for ours, bf16 in zip(grads[:2], rounded[:2]):
+    np.testing.assert_array_equal(ours.astype(jnp.bfloat16), bf16)
 
 
 def plain_layer_norm(x, scale, bias, epsilon=1e-6):

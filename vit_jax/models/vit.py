@@ -92,7 +92,7 @@ class Dense(nn.Module):
                         (x.shape[-1], self.features), self.param_dtype)
     bias = self.param('bias', self.bias_init, (self.features,),
                       self.param_dtype)
-    return ops.dense_in(self.dtype, x, kernel, bias)
+    return ops.dense(x, kernel, bias, self.dtype)
 
 
 class MlpBlock(nn.Module):
@@ -203,8 +203,8 @@ class MultiHeadDotProductAttention(nn.Module):
     out_kernel, out_bias = _ProjectionParams(
         (heads, head_dim, dim), (dim,), 2, self.param_dtype, name='out')()
     mixed = jnp.reshape(mixed, mixed.shape[:-2] + (dim,))
-    out = ops.dense_in(self.dtype, mixed, jnp.reshape(out_kernel, (dim, dim)),
-                       out_bias)
+    out = ops.dense(mixed, jnp.reshape(out_kernel, (dim, dim)), out_bias,
+                    self.dtype)
     return out, weights
 
   def _matmul(self, spec: str, x: Array, y: Array) -> Array:
@@ -219,9 +219,8 @@ class MultiHeadDotProductAttention(nn.Module):
     """x @ [k_1 | k_2 | ...] + [b_1 | b_2 | ...] as one matmul, split."""
     kernel = jnp.stack([k for k, _ in kernels_and_biases], axis=1)
     bias = jnp.stack([b for _, b in kernels_and_biases], axis=0)
-    fused = ops.dense_in(self.dtype, x,
-                         jnp.reshape(kernel, (x.shape[-1], -1)),
-                         jnp.reshape(bias, (-1,)))
+    fused = ops.dense(x, jnp.reshape(kernel, (x.shape[-1], -1)),
+                      jnp.reshape(bias, (-1,)), self.dtype)
     fused = jnp.reshape(fused, x.shape[:-1] + bias.shape).astype(self.dtype)
     # split (not indexing): its gradient is one concatenate, not a zero-pad
     # and an add per part.
@@ -253,8 +252,10 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Array, deterministic: bool) -> tuple[Array, Array]:
+    # The norms hand float32 to the dense layers, which cast to the compute
+    # dtype themselves and so return float32 gradients (ops.dense).
     norm = functools.partial(LayerNorm, epsilon=self.layer_norm_epsilon,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
+                             param_dtype=self.param_dtype)
     # Stochastic depth drops a whole residual branch per example.
     drop_path = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))
 
