@@ -107,9 +107,18 @@ def test_mixed_einsum_matches_autodiff(spec, lhs_shape, rhs_shape):
   assert_close(grads_of(ours, (lhs, rhs), cotangent),
                grads_of(plain, (lhs, rhs), cotangent), 1e-6)
   low = (lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16))
-  assert_close([g.astype(jnp.float32)
-                for g in grads_of(ours, low, cotangent)],
+  low_grads = grads_of(ours, low, cotangent)
+  assert [g.dtype for g in low_grads] == [jnp.bfloat16] * 2
+  assert_close([g.astype(jnp.float32) for g in low_grads],
                grads_of(plain, (lhs, rhs), cotangent), 2e-2)
+  # float32 operands cast inside: the same products, gradients unrounded.
+  def in_bf16(a, b):
+    return ops.mixed_einsum(spec, a, b, jnp.bfloat16)
+  np.testing.assert_array_equal(in_bf16(lhs, rhs), ours(*low))
+  cast_grads = grads_of(in_bf16, (lhs, rhs), cotangent)
+  assert [g.dtype for g in cast_grads] == [jnp.float32] * 2
+  for unrounded, rounded in zip(cast_grads, low_grads):
+    np.testing.assert_array_equal(unrounded.astype(jnp.bfloat16), rounded)
 
 
 def test_sum_rows_sums_every_leading_axis():

@@ -6,7 +6,8 @@ product over x's own leading axes, which XLA runs without first copying a
 transposed gradient (and, for bf16, hands to YNNPACK); (b) sums over the
 batch and token axes run on a 2-D (rows, features) view, which XLA reduces
 several times faster than over two leading axes of a 3-D array; (c) bf16
-products stay bf16 x bf16 -> f32 in the backward pass. Together with the
+products stay bf16 x bf16 -> f32 in the backward pass, and float32 inputs
+are cast inside, so their gradients leave unrounded. Together with the
 2-D GELU in `MlpBlock`, the float32 reference train step runs ~1.1-1.2x
 faster than with autodiff of nn.Dense (docs/performance.md).
 
@@ -28,23 +29,32 @@ def _accumulate_in_f32(spec: str, lhs: Array, rhs: Array) -> Array:
   return jnp.einsum(spec, lhs, rhs, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def mixed_einsum(spec: str, lhs: Array, rhs: Array) -> Array:
-  """A low-precision einsum with float32 output, differentiated likewise.
+def mixed_einsum(spec: str, lhs: Array, rhs: Array,
+                 dtype: Optional[Dtype] = None) -> Array:
+  """einsum of `lhs` and `rhs` cast to `dtype` (default: lhs's), in float32.
 
   `spec` is 'lhs,rhs->out' where every index of an operand also appears in
   the other operand or the output (no index is summed within one operand).
   Autodiff of a bf16 x bf16 -> f32 product would give float32 cotangents,
   so both backward products would run in float32 at half the speed; here
-  the cotangent is rounded to the operands' dtype first, so all three
+  the cotangent is rounded to the compute dtype first, so all three
   products are bf16 x bf16 -> f32 (what mixed-precision training does
-  elsewhere: PyTorch autocast also computes gradients in bf16).
+  elsewhere: PyTorch autocast also computes gradients in bf16). As in
+  `dense`, the gradients come back in the dtypes the operands came in.
   """
-  return _accumulate_in_f32(spec, lhs, rhs)
+  return _mixed_einsum(spec, jnp.dtype(dtype or lhs.dtype), lhs, rhs)
 
 
-def _mixed_einsum_fwd(spec, lhs, rhs):
-  return _accumulate_in_f32(spec, lhs, rhs), (lhs, rhs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mixed_einsum(spec, dtype, lhs, rhs):
+  return _accumulate_in_f32(spec, lhs.astype(dtype), rhs.astype(dtype))
+
+
+def _mixed_einsum_fwd(spec, dtype, lhs, rhs):
+  # 0-d arrays carry the operand dtypes (residuals must be arrays).
+  dtypes = (jnp.zeros((), lhs.dtype), jnp.zeros((), rhs.dtype))
+  return (_mixed_einsum(spec, dtype, lhs, rhs),
+          (lhs.astype(dtype), rhs.astype(dtype), dtypes))
 
 
 def _operand_order_score(spec: str, other: str, out: str) -> int:
@@ -74,17 +84,17 @@ def _canonical_einsum(spec_a: str, spec_b: str, out: str, a: Array,
   return _accumulate_in_f32(f'{spec_a},{spec_b}->{out}', a, b)
 
 
-def _mixed_einsum_bwd(spec, residuals, grad):
-  lhs, rhs = residuals
+def _mixed_einsum_bwd(spec, dtype, residuals, grad):
+  lhs, rhs, (lhs_like, rhs_like) = residuals
   inputs, out = spec.split('->')
   lhs_spec, rhs_spec = inputs.split(',')
-  grad = grad.astype(lhs.dtype)
+  grad = grad.astype(dtype)
   grad_lhs = _canonical_einsum(out, rhs_spec, lhs_spec, grad, rhs)
   grad_rhs = _canonical_einsum(lhs_spec, out, rhs_spec, lhs, grad)
-  return grad_lhs.astype(lhs.dtype), grad_rhs.astype(rhs.dtype)
+  return grad_lhs.astype(lhs_like.dtype), grad_rhs.astype(rhs_like.dtype)
 
 
-mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
 def conv_general_for(dtype: Dtype) -> Optional[Callable[..., Array]]:
