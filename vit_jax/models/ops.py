@@ -25,6 +25,12 @@ Array = jax.Array
 Dtype = Any
 
 
+def _dtype_carriers(*arrays: Array) -> tuple[Array, ...]:
+  """A 0-d array per argument, of its dtype: custom_vjp residuals must be
+  arrays, and the backward pass casts each gradient to its input's dtype."""
+  return tuple(jnp.zeros((), a.dtype) for a in arrays)
+
+
 def _accumulate_in_f32(spec: str, lhs: Array, rhs: Array) -> Array:
   return jnp.einsum(spec, lhs, rhs, preferred_element_type=jnp.float32)
 
@@ -51,10 +57,8 @@ def _mixed_einsum(spec, dtype, lhs, rhs):
 
 
 def _mixed_einsum_fwd(spec, dtype, lhs, rhs):
-  # 0-d arrays carry the operand dtypes (residuals must be arrays).
-  dtypes = (jnp.zeros((), lhs.dtype), jnp.zeros((), rhs.dtype))
   return (_mixed_einsum(spec, dtype, lhs, rhs),
-          (lhs.astype(dtype), rhs.astype(dtype), dtypes))
+          (lhs.astype(dtype), rhs.astype(dtype), _dtype_carriers(lhs, rhs)))
 
 
 def _operand_order_score(spec: str, other: str, out: str) -> int:
@@ -129,13 +133,12 @@ def _layer_norm_fwd(x, scale, bias, epsilon):
   rstd = jax.lax.rsqrt(var + epsilon)
   normed = (x32 - mean) * rstd
   y = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-  # A 0-d array carries x's dtype (residuals must be arrays).
-  return y, (normed, rstd, scale, bias, jnp.zeros((), x.dtype))
+  return y, (normed, rstd, scale, bias, _dtype_carriers(x))
 
 
 def _layer_norm_bwd(epsilon, residuals, grad):
   del epsilon
-  normed, rstd, scale, bias, x_like = residuals
+  normed, rstd, scale, bias, (x_like,) = residuals
   grad = grad.astype(jnp.float32)
   grad_bias = sum_rows(grad)
   grad_scale = sum_rows(grad * normed)
@@ -191,10 +194,9 @@ def _dense(dtype, x, kernel, bias):
 
 
 def _dense_fwd(dtype, x, kernel, bias):
-  # 0-d arrays carry the argument dtypes (residuals must be arrays).
-  dtypes = (jnp.zeros((), x.dtype), jnp.zeros((), kernel.dtype))
   return (_dense(dtype, x, kernel, bias),
-          (x.astype(dtype), kernel.astype(dtype), bias, dtypes))
+          (x.astype(dtype), kernel.astype(dtype), bias,
+           _dtype_carriers(x, kernel)))
 
 
 def _dense_bwd(dtype, residuals, grad):
