@@ -48,7 +48,7 @@ def test_dense_matches_autodiff_for_any_leading_axes(leading):
                grads_of(plain_dense, (x, kernel, bias), cotangent), 1e-6)
 
 
-def test_dense_in_bfloat16_accumulates_in_float32():
+def test_dense_of_bfloat16_inputs_accumulates_in_float32():
   x, kernel = normal(0, (4, 16, 32)), normal(1, (32, 24))
   bias, cotangent = normal(2, (24,)), normal(3, (4, 16, 24))
   exact = grads_of(plain_dense, (x, kernel, bias), cotangent)

@@ -62,9 +62,12 @@ class AddPositionEmbs(nn.Module):
 
 
 class LayerNorm(nn.Module):
-  """`nn.LayerNorm`'s parameters (`scale`, `bias`) over `layer_norm`."""
+  """`nn.LayerNorm`'s parameters (`scale`, `bias`) over `layer_norm`.
+
+  Returns float32 for float32 inputs and parameters: the dense layers after
+  it cast to their compute dtype themselves (`ops.dense`).
+  """
   epsilon: float = 1e-6
-  dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -75,7 +78,7 @@ class LayerNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (features,),
                       self.param_dtype)
     y = ops.layer_norm(x, scale, bias, self.epsilon)
-    return y.astype(self.dtype or jnp.result_type(x, scale))
+    return y.astype(jnp.result_type(x, scale))
 
 
 class Dense(nn.Module):
@@ -256,8 +259,6 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Array, deterministic: bool) -> tuple[Array, Array]:
-    # The norms hand float32 to the dense layers, which cast to the compute
-    # dtype themselves and so return float32 gradients (ops.dense).
     norm = functools.partial(LayerNorm, epsilon=self.layer_norm_epsilon,
                              param_dtype=self.param_dtype)
     # Stochastic depth drops a whole residual branch per example.
