@@ -1,5 +1,6 @@
 """The ViT family: exact parameter counts, shapes, heads, numerics, names."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -296,6 +297,33 @@ def test_stochastic_depth_grows_linearly_over_depth():
   _, plain = model.apply({'params': params}, images, return_intermediates=True)
   np.testing.assert_array_equal(aux['blocks'][1], aux['blocks'][0])
   np.testing.assert_allclose(aux['blocks'][0], plain['blocks'][0], rtol=1e-6)
+
+
+@pytest.mark.parametrize('patch_size', [(4, 4), (2, 3)])
+def test_patch_embedding_is_the_released_strided_convolution(patch_size):
+  """Same parameters, initial values, outputs and gradients as nn.Conv."""
+  conv = nn.Conv(16, kernel_size=patch_size, strides=patch_size,
+                 padding='VALID')
+  embed = vit.PatchEmbedding(16, patch_size)
+  images = random_images((2, 8, 12, 3))
+  conv_params = conv.init(jax.random.key(1), images)['params']
+  params = embed.init(jax.random.key(1), images)['params']
+  assert jax.tree_util.tree_map(np.shape, params) == jax.tree_util.tree_map(
+      np.shape, conv_params)
+  np.testing.assert_array_equal(params['kernel'], conv_params['kernel'])
+  params = randomize(params)
+  np.testing.assert_allclose(embed.apply({'params': params}, images),
+                             conv.apply({'params': params}, images),
+                             rtol=1e-5, atol=1e-6)
+  cotangent = random_images((2, 8 // patch_size[0], 12 // patch_size[1], 16),
+                            seed=2)
+  def grads(module):
+    def loss(p, x):
+      return jnp.sum(module.apply({'params': p}, x) * cotangent)
+    return jax.grad(loss, argnums=(0, 1))(params, images)
+  for got, want in zip(jax.tree_util.tree_leaves(grads(embed)),
+                       jax.tree_util.tree_leaves(grads(conv))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_sincos2d_position_embeddings_have_no_parameters():

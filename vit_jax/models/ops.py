@@ -16,7 +16,7 @@ the whole model, against PyTorch's gradients (tests/test_peers.py).
 """
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -99,17 +99,6 @@ def _mixed_einsum_bwd(spec, dtype, residuals, grad):
 
 
 _mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
-
-
-def conv_general_for(dtype: Dtype) -> Optional[Callable[..., Array]]:
-  """A conv_general_dilated accumulating low-precision inputs in float32.
-
-  None (the library default) for float32 compute.
-  """
-  if jnp.dtype(dtype) == jnp.float32:
-    return None
-  return functools.partial(jax.lax.conv_general_dilated,
-                           preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
