@@ -39,7 +39,7 @@ setuptools.setup(
     version='0.1.0',
     description='Vision Transformers in JAX/Flax: models, training, checkpoints.',
     packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
-    package_data={'vit_jax': ['datasets/*.txt', 'datasets/*.md']},
+    package_data={'vit_jax': ['datasets/*.txt', 'datasets/*.md', 'models/*.cc']},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require={'test': TEST_REQUIRES},

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import attention_kernel
 from vit_jax.models import ops
 from vit_jax.models import resnet as resnet_lib
 
@@ -230,14 +231,21 @@ class MultiHeadDotProductAttention(nn.Module):
     scale = 1.0 / np.sqrt(head_dim)
     query_kernel, query_bias = (p * scale for p in params['query'])
     if inputs_kv is None:
-      query, key, value = self._project(
-          inputs_q, [(query_kernel, query_bias), params['key'],
-                     params['value']])
+      fused = self._project(inputs_q, [(query_kernel, query_bias),
+                                        params['key'], params['value']])
+      dropout_active = self.dropout_rate > 0 and not deterministic
+      if (not dropout_active
+          and attention_kernel.applies(fused.shape, fused.dtype)):
+        mixed, weights = attention_kernel.self_attention(fused)
+      else:
+        mixed, weights = self._attend(*self._split(fused), deterministic)
     else:
-      (query,) = self._project(inputs_q, [(query_kernel, query_bias)])
-      key, value = self._project(inputs_kv, [params['key'], params['value']])
+      query, = self._split(self._project(inputs_q,
+                                         [(query_kernel, query_bias)]))
+      key, value = self._split(
+          self._project(inputs_kv, [params['key'], params['value']]))
+      mixed, weights = self._attend(query, key, value, deterministic)
 
-    mixed, weights = self._attend(query, key, value, deterministic)
     out_kernel, out_bias = _ProjectionParams(
         (heads, head_dim, dim), (dim,), 2, self.param_dtype, name='out')()
     mixed = jnp.reshape(mixed, mixed.shape[:-2] + (dim,))
@@ -257,16 +265,20 @@ class MultiHeadDotProductAttention(nn.Module):
     return ops.mixed_einsum(spec, x, y, self.dtype)
 
   def _project(self, x: Array,
-               kernels_and_biases: list[tuple[Array, Array]]) -> list[Array]:
-    """x @ [k_1 | k_2 | ...] + [b_1 | b_2 | ...] as one matmul, split."""
+               kernels_and_biases: list[tuple[Array, Array]]) -> Array:
+    """x @ [k_1 | k_2 | ...] + [b_1 | b_2 | ...] as one matmul: (..., parts,
+    heads, head_dim), float32."""
     kernel = jnp.stack([k for k, _ in kernels_and_biases], axis=1)
     bias = jnp.stack([b for _, b in kernels_and_biases], axis=0)
     fused = ops.dense(x, jnp.reshape(kernel, (x.shape[-1], -1)),
                       jnp.reshape(bias, (-1,)), self.dtype)
-    fused = jnp.reshape(fused, x.shape[:-1] + bias.shape)
+    return jnp.reshape(fused, x.shape[:-1] + bias.shape)
+
+  @staticmethod
+  def _split(fused: Array) -> list[Array]:
     # split (not indexing): its gradient is one concatenate, not a zero-pad
     # and an add per part.
-    parts = jnp.split(fused, len(kernels_and_biases), axis=-3)
+    parts = jnp.split(fused, fused.shape[-3], axis=-3)
     return [jnp.squeeze(part, axis=-3) for part in parts]
 
   def _attend(self, query: Array, key: Array, value: Array,
