@@ -19,9 +19,12 @@ from vit_jax.models import attention_kernel
 from vit_jax.models import vit
 
 # (batch, tokens, 3, heads, head_dim): 1 token, tokens below, at and past a
-# whole vector (16), the reference model's 65, ViT-H's head_dim of 80.
+# whole vector (16), the reference model's 65 (5 vectors), 90 (6 vectors:
+# column blocks of 4 and 2), ViT-Ti/16's 197 (13 vectors: 4, 4 and 5), and
+# ViT-H's head_dim of 80.
 SHAPES = [(2, 1, 3, 2, 16), (2, 5, 3, 2, 16), (3, 16, 3, 3, 32),
-          (2, 17, 3, 1, 16), (2, 65, 3, 3, 64), (1, 33, 3, 2, 80)]
+          (2, 17, 3, 1, 16), (2, 65, 3, 3, 64), (1, 90, 3, 1, 16),
+          (1, 197, 3, 1, 64), (1, 33, 3, 2, 80)]
 
 
 def random_qkv(shape, seed=0):
