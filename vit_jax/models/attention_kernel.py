@@ -6,11 +6,11 @@ one (example, head) at a time in cache, and the five backward products the
 same way (docs/performance.md has the measurements).
 
 The kernel is compiled on first use with the system's C++ compiler
-(`$CXX`, default `c++`) for this CPU (`-march=native`) and cached under
-`$VIT_JAX_KERNEL_CACHE` (default `~/.cache/vit_jax`), keyed by the source,
-jaxlib's version and the CPU's flags. Without a compiler, or with
-`VIT_JAX_CPU_ATTENTION=0`, the model uses XLA's attention (same results up
-to float rounding, tests/test_attention_kernel.py).
+(`$CXX`, default `c++`; GCC >= 12 or clang) for this CPU (`-march=native`)
+and cached under `$VIT_JAX_KERNEL_CACHE` (default `~/.cache/vit_jax`),
+keyed by the source, jaxlib's version and the CPU's flags. Without a
+compiler, or with `VIT_JAX_CPU_ATTENTION=0`, the model uses XLA's attention
+(same results up to float rounding, tests/test_attention_kernel.py).
 """
 
 import ctypes
@@ -42,7 +42,7 @@ TARGETS = {
     'backward': 'VitJaxAttentionBackward',
     'backward_with_weights_grad': 'VitJaxAttentionBackwardWithWeightsGrad',
 }
-LANES = 16  # head_dim must be whole AVX-512 vectors
+LANES = 16  # the kernel works in vectors of 16 floats (one AVX-512 register)
 
 
 def applies(qkv_shape: tuple[int, ...], dtype) -> bool:
