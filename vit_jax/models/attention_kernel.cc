@@ -375,7 +375,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                     ffi::ResultBuffer<ffi::F32> qkv_grad) {
   Shape s;
   if (ffi::Error error = ShapeOf(qkv, &s); error.failure()) return error;
-  if (ffi::Error error = CheckWeights(weights, s); error.failure()) return error;
+  if (ffi::Error error = CheckWeights(weights, s); error.failure())
+    return error;
   const float* in = qkv.typed_data();
   const float* w = weights.typed_data();
   const float* dout = out_grad.typed_data();

@@ -90,7 +90,8 @@ def _batch_partitioned(call: Callable[..., Any], rule: str) -> Callable:
     batch_axes = arg_shapes[0].sharding.spec[0] if (
         arg_shapes[0].sharding.spec) else None
     def by_examples(shape):
-      return NamedSharding(mesh, P(batch_axes, *[None] * (len(shape.shape) - 1)))
+      rest = [None] * (len(shape.shape) - 1)
+      return NamedSharding(mesh, P(batch_axes, *rest))
     return (tuple(by_examples(a) for a in arg_shapes),
             jax.tree.map(by_examples, result_shape))
 
@@ -212,7 +213,8 @@ def _built_library() -> pathlib.Path:
                _cpu_flags().encode(), ' '.join(_compiler_command(
                    pathlib.Path('out'))).encode()):
     key.update(part)
-  cache = pathlib.Path(os.environ.get(CACHE_ENV, '~/.cache/vit_jax')).expanduser()
+  cache = pathlib.Path(os.environ.get(CACHE_ENV, '~/.cache/vit_jax'))
+  cache = cache.expanduser()
   library = cache / f'attention_kernel-{key.hexdigest()[:16]}.so'
   if library.exists():
     return library
