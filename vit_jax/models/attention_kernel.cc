@@ -191,11 +191,9 @@ struct Shape {
 // Where one (example, head) task reads and writes.
 struct Slices {
   int64_t example, head;
-  const float* Qkv(const float* base, const Shape& s, int part) const {
-    return base + example * s.tokens * s.qkv_row() +
-           (part * s.heads + head) * s.head_dim;
-  }
-  float* Qkv(float* base, const Shape& s, int part) const {
+  // part 0, 1, 2: this head's Q, K or V (or their gradients).
+  template <typename T>
+  T* Qkv(T* base, const Shape& s, int part) const {
     return base + example * s.tokens * s.qkv_row() +
            (part * s.heads + head) * s.head_dim;
   }
