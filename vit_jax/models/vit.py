@@ -204,7 +204,9 @@ class MultiHeadDotProductAttention(nn.Module):
   For speed, the projections of self-attention run as one (dim, 3 * dim)
   matmul, and 1/sqrt(head_dim) is folded into the query kernel and bias (a
   dim x dim scaling rather than one over every query; exact when head_dim
-  is a power of 4, e.g. 16 or 64).
+  is a power of 4, e.g. 16 or 64). On CPU, self-attention without dropout
+  on the weights then runs through `attention_kernel` (in float32 under
+  either compute dtype); elsewhere through `_attend`.
   """
   num_heads: int
   dropout_rate: float = 0.0
