@@ -7,6 +7,8 @@ against the unsharded one with no gathered batch.
 """
 
 import os
+import platform
+import subprocess
 import warnings
 
 import jax
@@ -20,12 +22,13 @@ from vit_jax.models import attention_kernel
 from vit_jax.models import vit
 
 # (batch, tokens, 3, heads, head_dim): 1 token, tokens below, at and past a
-# whole vector (16), the reference model's 65 (5 vectors), 90 (6 vectors:
-# column blocks of 4 and 2), ViT-Ti/16's 197 (13 vectors: 4, 4 and 5), and
-# ViT-H's head_dim of 80.
+# block of 16, the reference model's 65 (5 blocks), 90 (6 blocks: AVX-512
+# column blocks of 4 and 2), ViT-Ti/16's 197 (13 blocks: 4, 4 and 5), and
+# ViT-H's head_dim of 80. Row counts leave every remainder of the 6-row
+# tiles (1 to 5 rows; 20 tokens leave 2).
 SHAPES = [(2, 1, 3, 2, 16), (2, 5, 3, 2, 16), (3, 16, 3, 3, 32),
-          (2, 17, 3, 1, 16), (2, 65, 3, 3, 64), (1, 90, 3, 1, 16),
-          (1, 197, 3, 1, 64), (1, 33, 3, 2, 80)]
+          (2, 17, 3, 1, 16), (2, 20, 3, 2, 32), (2, 65, 3, 3, 64),
+          (1, 90, 3, 1, 16), (1, 197, 3, 1, 64), (1, 33, 3, 2, 80)]
 
 
 def random_qkv(shape, seed=0):
@@ -205,3 +208,16 @@ def test_the_built_kernel_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     again = build()
   assert again == first and again.stat().st_mtime_ns == modified
   assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+@pytest.mark.skipif(platform.machine() != 'x86_64', reason='x86 ISA levels')
+@pytest.mark.parametrize('march', ['x86-64-v3', 'x86-64-v4'])
+def test_the_kernel_compiles_for_avx2_and_avx512(march, tmp_path):
+  # The source has a register layout per vector width; the tests above run
+  # the one this CPU has, and this builds the other one too (AVX2 is v3,
+  # AVX-512 v4).
+  command = attention_kernel._compiler_command(  # pylint: disable=protected-access
+      tmp_path / 'kernel.so', march=march)
+  result = subprocess.run(command, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]

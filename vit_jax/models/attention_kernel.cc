@@ -30,7 +30,18 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// Rows of the weights are padded, and head_dim must be a multiple of, this
+// many floats, whatever the CPU: the Python wrapper allocates by it.
+constexpr int64_t kAlign = 16;
+
+// Vectors as wide as the CPU's registers: 16 floats with AVX-512, else 8
+// (AVX2). Wider GCC vectors than the registers are split inefficiently.
+#if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
+#else
+constexpr int64_t kLanes = 8;
+#endif
+static_assert(kAlign % kLanes == 0, "padding must hold whole vectors");
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
@@ -42,12 +53,10 @@ inline Vec Load(const float* p) {
 
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
-inline Vec Splat(float x) {
-  return Vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-}
+inline Vec Splat(float x) { return Vec{} + x; }
 
-inline int64_t RoundUpToLanes(int64_t n) {
-  return (n + kLanes - 1) / kLanes * kLanes;
+inline int64_t RoundUpToAlign(int64_t n) {
+  return (n + kAlign - 1) / kAlign * kAlign;
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the row maximum): 2^n * e^r
@@ -74,10 +83,11 @@ inline Vec Exp(Vec x) {
 
 inline Vec Max(Vec x, Vec y) { return x > y ? x : y; }
 
-// Folds the lanes pairwise (log2(16) shuffles, not 15 dependent scalar ops)
-// and returns the result in every lane.
+// Folds the lanes pairwise (log2(lanes) shuffles, not lanes - 1 dependent
+// scalar ops) and returns the result in every lane.
 template <typename Combine>
 inline Vec AcrossLanes(Vec v, Combine combine) {
+#if defined(__AVX512F__)
   v = combine(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15,
                                          0, 1, 2, 3, 4, 5, 6, 7));
   v = combine(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13,
@@ -86,6 +96,11 @@ inline Vec AcrossLanes(Vec v, Combine combine) {
                                          8, 9, 14, 15, 12, 13));
   return combine(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9,
                                             8, 11, 10, 13, 12, 15, 14));
+#else
+  v = combine(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = combine(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+  return combine(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+#endif
 }
 
 inline Vec SumAcrossLanes(Vec v) {
@@ -126,9 +141,10 @@ void Tile(Strided a, const float* b, int64_t ldb, int64_t depth, float* c,
 }
 
 // Tiles of kVectors columns over all `rows` rows: as many rows at a time as
-// the registers hold (32 vector registers: accumulators plus one B row).
-// (GCC keeps 5 x 5 accumulators in registers; with 4 x 5 it reads B from
-// memory in every multiply-add and runs at half the speed.)
+// the registers hold (accumulators plus one B row). With AVX-512's 32
+// registers GCC keeps 5 x 5 accumulators in registers; with 4 x 5 it reads B
+// from memory in every multiply-add and runs at half the speed. With AVX2's
+// 16 registers of 8 floats, 6 rows x 2 vectors (12 registers) is the largest.
 template <int kVectors>
 void ColumnBlock(int64_t rows, Strided a, const float* b, int64_t ldb,
                  int64_t depth, float* c, int64_t ldc) {
@@ -148,6 +164,15 @@ void ColumnBlock(int64_t rows, Strided a, const float* b, int64_t ldb,
   }
 }
 
+// How many of the `vectors` remaining columns the next column block takes.
+inline int64_t TileVectors(int64_t vectors) {
+#if defined(__AVX512F__)
+  return vectors == 5 ? 5 : std::min<int64_t>(vectors, 4);
+#else
+  return std::min<int64_t>(vectors, 2);
+#endif
+}
+
 // C (rows x width) = A (rows x depth) @ B (depth x width), width a multiple
 // of kLanes; every operand has its own strides, so Q, K, V and the
 // gradients are read and written in place inside the fused layouts.
@@ -155,7 +180,7 @@ void Matmul(int64_t rows, int64_t width, int64_t depth, Strided a,
             const float* b, int64_t ldb, float* c, int64_t ldc) {
   int64_t vectors = width / kLanes;
   while (vectors > 0) {
-    int64_t take = vectors == 5 ? 5 : std::min<int64_t>(vectors, 4);
+    int64_t take = TileVectors(vectors);
     switch (take) {
       case 5: ColumnBlock<5>(rows, a, b, ldb, depth, c, ldc); break;
       case 4: ColumnBlock<4>(rows, a, b, ldb, depth, c, ldc); break;
@@ -239,7 +264,11 @@ void ForEachTask(ffi::ThreadPool& pool, int64_t tasks, int64_t scratch_floats,
     std::this_thread::yield();
 }
 
+#if defined(__AVX512F__)
 const IVec kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#else
+const IVec kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7};
+#endif
 
 // Which lanes of the vector at column `first` lie within `tokens` columns
 // (a select mask, not stores: scalar stores followed by a vector load of the
@@ -333,10 +362,10 @@ ffi::Error ShapeOf(const ffi::Buffer<ffi::F32>& qkv, Shape* shape) {
     return ffi::Error::InvalidArgument(
         "vit_jax attention kernel: qkv must be (batch, tokens, 3, heads, "
         "head_dim)");
-  if (dims[4] % kLanes != 0)
+  if (dims[4] % kAlign != 0)
     return ffi::Error::InvalidArgument(
         "vit_jax attention kernel: head_dim must be a multiple of 16");
-  *shape = Shape{dims[0], dims[1], dims[3], dims[4], RoundUpToLanes(dims[1])};
+  *shape = Shape{dims[0], dims[1], dims[3], dims[4], RoundUpToAlign(dims[1])};
   return ffi::Error::Success();
 }
 

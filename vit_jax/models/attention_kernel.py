@@ -42,7 +42,9 @@ TARGETS = {
     'backward': 'VitJaxAttentionBackward',
     'backward_with_weights_grad': 'VitJaxAttentionBackwardWithWeightsGrad',
 }
-LANES = 16  # the kernel works in vectors of 16 floats (one AVX-512 register)
+# The kernel pads rows to, and needs head_dim in, whole blocks of 16 floats:
+# one AVX-512 register, two AVX2 ones (attention_kernel.cc's kAlign).
+LANES = 16
 
 
 def applies(qkv_shape: tuple[int, ...], dtype) -> bool:
@@ -190,8 +192,9 @@ def load():
   return library
 
 
-def _compiler_command(output: pathlib.Path) -> list[str]:
-  return [os.environ.get('CXX', 'c++'), '-O3', '-march=native', '-std=c++17',
+def _compiler_command(output: pathlib.Path,
+                      march: str = 'native') -> list[str]:
+  return [os.environ.get('CXX', 'c++'), '-O3', f'-march={march}', '-std=c++17',
           '-shared', '-fPIC', '-fno-math-errno', '-I', jax.ffi.include_dir(),
           str(SOURCE), '-o', str(output)]
 
