@@ -53,7 +53,16 @@ inline Vec Load(const float* p) {
 
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
-inline Vec Splat(float x) { return Vec{} + x; }
+// Every lane x, spelled out: GCC makes one broadcast of this, but keeps
+// `Vec{} + x` as a scalar add first and builds a loop's lanes one by one,
+// in the innermost loop of Tile.
+inline Vec Splat(float x) {
+#if defined(__AVX512F__)
+  return Vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#else
+  return Vec{x, x, x, x, x, x, x, x};
+#endif
+}
 
 inline int64_t RoundUpToAlign(int64_t n) {
   return (n + kAlign - 1) / kAlign * kAlign;
