@@ -1,10 +1,13 @@
 """The XLA options of the train and eval steps: which, and that XLA takes them."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import cpu_info
 from vit_jax import xla_options
 
 
@@ -41,3 +44,30 @@ def test_this_xla_accepts_the_options_and_computes_the_same(dtype):
                          compiler_options=options or None)(x, w)
   default = jax.jit(jax.grad(layer, argnums=1))(x, w)
   np.testing.assert_allclose(with_options, default, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('line, native', [
+    ('flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16', True),
+    ('flags\t\t: fpu sse2 avx2 fma amx_bf16 amx_tile', True),
+    ('Features\t: fp asimd sve bf16 i8mm', True),
+    ('flags\t\t: fpu sse2 avx2 fma avx512f avx512bw', False),
+    ('', False),
+])
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, line, native):
+  monkeypatch.setattr(cpu_info, 'flags_line', lambda: line)
+  assert cpu_info.has_native_bf16() is native
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_bfloat16_on_a_cpu_without_bf16_warns_once(monkeypatch, caplog,
+                                                    native):
+  monkeypatch.setattr(cpu_info, 'has_native_bf16', lambda: native)
+  xla_options._warn_emulated_bf16.cache_clear()  # pylint: disable=protected-access
+  with caplog.at_level(logging.WARNING):
+    for _ in range(3):
+      xla_options.for_compute_dtype(jnp.bfloat16, 'cpu')
+    xla_options.for_compute_dtype(jnp.float32, 'cpu')
+    xla_options.for_compute_dtype(jnp.bfloat16, 'gpu')
+  warned = [r for r in caplog.records if 'without bf16 instructions' in
+            r.getMessage()]
+  assert len(warned) == (0 if native else 1)

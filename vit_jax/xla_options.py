@@ -12,10 +12,14 @@ batch 64):
 Other backends get no options.
 """
 
+import functools
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
+
+from vit_jax import cpu_info
 
 _YNN_FUSION_TYPES = 'xla_cpu_experimental_ynn_fusion_type'
 # YNNPACK fusions off (an empty list of fusion types).
@@ -32,4 +36,17 @@ def for_compute_dtype(dtype: Any,
     return {}
   if jnp.dtype(dtype) == jnp.float32:
     return dict(NO_YNNPACK)
+  if jnp.dtype(dtype) == jnp.bfloat16 and not cpu_info.has_native_bf16():
+    _warn_emulated_bf16()
   return dict(YNNPACK_DOTS_ONLY)
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
+  # Once per process: each train and eval step asks for its options.
+  logging.warning(
+      'model.dtype=bfloat16 on a CPU without bf16 instructions (no %s in '
+      '/proc/cpuinfo): the bf16 products run through conversions to float32 '
+      'and the step is slower than in float32 (about 0.6x on the reference '
+      'model, docs/performance.md); use model.dtype=float32 on this CPU.',
+      '/'.join(sorted(cpu_info.NATIVE_BF16_FLAGS)))

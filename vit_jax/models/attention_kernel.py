@@ -18,7 +18,6 @@ import functools
 import hashlib
 import os
 import pathlib
-import platform
 import subprocess
 import tempfile
 import warnings
@@ -31,6 +30,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import jaxlib
+
+from vit_jax import cpu_info
 
 Array = jax.Array
 
@@ -199,21 +200,11 @@ def _compiler_command(output: pathlib.Path,
           str(SOURCE), '-o', str(output)]
 
 
-def _cpu_flags() -> str:
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('flags'):
-        return line
-  except OSError:
-    pass
-  return platform.processor()
-
-
 def _built_library() -> pathlib.Path:
   """The cached shared library, compiled first if it is not there yet."""
   key = hashlib.sha256()
   for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(),
-               _cpu_flags().encode(), ' '.join(_compiler_command(
+               cpu_info.flags_line().encode(), ' '.join(_compiler_command(
                    pathlib.Path('out'))).encode()):
     key.update(part)
   cache = pathlib.Path(os.environ.get(CACHE_ENV, '~/.cache/vit_jax'))

@@ -1,0 +1,35 @@
+"""What the host CPU can do, read once from /proc/cpuinfo.
+
+Used to key the attention kernel's build cache to the CPU and to warn when
+bfloat16 compute would be emulated (slower than float32) on a CPU.
+"""
+
+import functools
+import pathlib
+import platform
+
+# x86 flags (Linux's names) of instructions that multiply bf16 pairs into
+# float32 sums; aarch64 lists 'bf16' among its features.
+NATIVE_BF16_FLAGS = frozenset({'avx512_bf16', 'amx_bf16', 'bf16'})
+
+
+@functools.cache
+def flags_line() -> str:
+  """The first 'flags' (x86) or 'Features' (aarch64) line of /proc/cpuinfo,
+  else the processor's name: what the CPU offers, as one string."""
+  try:
+    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith(('flags', 'Features')):
+        return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def flags() -> frozenset[str]:
+  _, _, listed = flags_line().partition(':')
+  return frozenset(listed.split())
+
+
+def has_native_bf16() -> bool:
+  return not NATIVE_BF16_FLAGS.isdisjoint(flags())
