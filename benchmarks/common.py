@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from vit_jax import cpu_info
 from vit_jax import host_memory
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -390,6 +391,8 @@ def machine_info() -> dict[str, Any]:
       'cpu_count': os.cpu_count(),
       'machine': platform.machine(),
       'processor': _cpu_model(),
+      # 'AMD EPYC' alone named both an AVX-512 and an AVX2 machine here.
+      'cpu_features': cpu_info.vector_features(),
       'load_average': os.getloadavg(),
       'jax': jax.__version__,
       'backend': jax.default_backend(),

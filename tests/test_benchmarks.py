@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from vit_jax import cpu_info
 from vit_jax import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +65,7 @@ def test_train_throughput_smoke_runs_each_dtype(tmp_path):
       'digits b8 float32', 'digits b8 bfloat16']
   assert_step_rows(payload['results'], 2)
   assert payload['machine']['cpu_count'] >= 1
+  assert payload['machine']['cpu_features'] == cpu_info.vector_features()
   # Restarted with huge pages for malloc wherever glibc and the kernel can.
   assert payload['machine']['malloc_huge_pages'] == host_memory.supported()
 

@@ -11,6 +11,9 @@ import platform
 # x86 flags (Linux's names) of instructions that multiply bf16 pairs into
 # float32 sums; aarch64 lists 'bf16' among its features.
 NATIVE_BF16_FLAGS = frozenset({'avx512_bf16', 'amx_bf16', 'bf16'})
+# The flags that decide how fast matmuls run here: vector width and bf16.
+VECTOR_FLAGS = frozenset({'avx2', 'fma', 'avx512f', 'asimd', 'sve'}
+                         ) | NATIVE_BF16_FLAGS
 
 
 @functools.cache
@@ -33,3 +36,8 @@ def flags() -> frozenset[str]:
 
 def has_native_bf16() -> bool:
   return not NATIVE_BF16_FLAGS.isdisjoint(flags())
+
+
+def vector_features() -> list[str]:
+  """Which of VECTOR_FLAGS this CPU has, sorted (for benchmark records)."""
+  return sorted(VECTOR_FLAGS & flags())
