@@ -46,18 +46,6 @@ def test_this_xla_accepts_the_options_and_computes_the_same(dtype):
   np.testing.assert_allclose(with_options, default, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('line, native', [
-    ('flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16', True),
-    ('flags\t\t: fpu sse2 avx2 fma amx_bf16 amx_tile', True),
-    ('Features\t: fp asimd sve bf16 i8mm', True),
-    ('flags\t\t: fpu sse2 avx2 fma avx512f avx512bw', False),
-    ('', False),
-])
-def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, line, native):
-  monkeypatch.setattr(cpu_info, 'flags_line', lambda: line)
-  assert cpu_info.has_native_bf16() is native
-
-
 @pytest.mark.parametrize('native', [True, False])
 def test_bfloat16_on_a_cpu_without_bf16_warns_once(monkeypatch, caplog,
                                                     native):
