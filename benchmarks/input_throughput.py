@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from vit_jax import cpu_info
 from vit_jax import input_pipeline
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
                'window_batches': args.window_batches,
                'folder_images': args.folder_images, 'smoke': args.smoke,
                'cpu_count': os.cpu_count(), 'machine': platform.machine(),
+               'cpu_features': cpu_info.vector_features(),
                'results': rows}, f, indent=1)
   print(f'\nwrote {args.out}')
   return 0

@@ -108,6 +108,7 @@ def test_input_throughput_smoke(tmp_path):
   pipelines = [row['pipeline'] for row in payload['results']]
   assert any(name.startswith('digits train') for name in pipelines)
   assert any(name.startswith('folder train') for name in pipelines)
+  assert payload['cpu_features'] == cpu_info.vector_features()
   for row in payload['results']:
     assert row['min_images_per_s'] <= row['images_per_s'] <= (
         row['max_images_per_s'])
