@@ -18,7 +18,6 @@ INSTALL_REQUIRES = [
     # Ships the handwritten digits behind the built-in offline dataset.
     'scikit-learn',
     'safetensors',
-    'tensorboardX',
     'matplotlib',
     'pillow',
 ]
@@ -28,6 +27,7 @@ INSTALL_REQUIRES = [
 TEST_REQUIRES = [
     'pytest',
     'pytest-xdist',  # the suite runs on 2 workers: 13 vs 18 min on 2 cores
+    'filelock',  # JAX locks the tests' shared compilation cache with it
     'torch==2.14.1',
     'torchvision==0.29.1',
     'timm',
