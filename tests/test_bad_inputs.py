@@ -23,16 +23,25 @@ DIGITS = os.path.join(REPO, 'configs', 'digits_pretrain.py')
 QUICK = ['--config.total_steps=4', '--config.batch_size=32',
          '--config.warmup_steps=1', '--config.log_every=2',
          '--config.eval_every=0', '--config.checkpoint_every=2']
+# The error of a run refused for resuming a workdir of another model.
+REFUSED_RESUME = 'holds a run of a different model'
 
 
 @dataclasses.dataclass
 class Case:
-  """One bad input: the command's arguments and the text its error holds."""
+  """One bad input: the command's arguments and the text its error holds.
+
+  `{workdir}` is a copy of a trained run, or with `new_workdir` a path that
+  does not exist (and must not exist afterwards): a new run whose config
+  differs from the trained one in the dataset or the model would be refused
+  by the resume check before reaching the check the case is about.
+  """
   name: str
   args: list[str]
   expected: str
   module: str = 'vit_jax.main'
   env: dict[str, str] = dataclasses.field(default_factory=dict)
+  new_workdir: bool = False
 
 
 def run_program(module, args, env, tfds_dir):
@@ -44,7 +53,10 @@ def run_program(module, args, env, tfds_dir):
 
 
 def digest(directory):
-  """A hash of every file's path and bytes below `directory`."""
+  """A hash of every file's path and bytes below `directory` (None if it
+  does not exist)."""
+  if not os.path.exists(directory):
+    return None
   hasher = hashlib.sha256()
   for root, dirs, files in sorted(os.walk(directory)):
     dirs.sort()
@@ -109,6 +121,7 @@ def catalogue(env):
                          *extra]
   finetune = lambda source: main('--config.image_size=16',  # pylint: disable=g-long-lambda
                                  f'--config.init_from={source}')
+  new = dict(new_workdir=True)
   return [
       Case('config file missing',
            ['--config=configs/no_such_config.py', '--workdir={workdir}'],
@@ -133,35 +146,37 @@ def catalogue(env):
            ['--config=configs/finetune.py:modle=B/16',
             '--workdir={workdir}'], "unknown config arg 'modle'"),
       Case('unknown dataset', main('--config.dataset=no_such_dataset'),
-           "unknown dataset 'no_such_dataset'"),
+           "unknown dataset 'no_such_dataset'", **new),
       Case('image size not divisible by patch',
-           main('--config.image_size=9'), 'patch size'),
+           main('--config.image_size=9'),
+           'image_size=9 does not divide into patches of model.patch_size'),
       Case('tfds data missing offline', main('--config.dataset=cifar10'),
-           'cifar10'),
+           'cifar10', **new),
       Case('image folder empty',
            main(f'--config.dataset=folder:{f["empty_folder"]}'),
-           f['empty_folder']),
+           f['empty_folder'], **new),
       Case('image folder with one class',
            main(f'--config.dataset=folder:{f["one_class"]}'),
-           'needs at least 2 class'),
+           'needs at least 2 class', **new),
       Case('image folder of corrupt images',
-           main(f'--config.dataset=folder:{f["corrupt"]}'), 'broken.jpg'),
+           main(f'--config.dataset=folder:{f["corrupt"]}'), 'broken.jpg',
+           **new),
       Case('init_from missing', finetune('/no/such/ViT-B_16.npz'),
-           '/no/such/ViT-B_16.npz'),
-      Case('init_from not a checkpoint', finetune(f['text']), f['text']),
+           '/no/such/ViT-B_16.npz', **new),
+      Case('init_from not a checkpoint', finetune(f['text']), f['text'], **new),
       Case('init_from truncated npz', finetune(f['truncated']),
-           f['truncated']),
+           f['truncated'], **new),
       Case('init_from npz with pickled objects', finetune(f['pickled']),
-           'pickle'),
+           'refusing to unpickle', **new),
       Case('init_from shape mismatch',
            main('--config.model.hidden_size=32',
                 f'--config.init_from={env["workdir"]}'),
-           'vs model'),
+           'vs model', **new),
       Case('wrong class count without head reset',
            main('--config.init_reset_head=False',
                 f'--config.dataset=folder:{f["two_class"]}',
                 f'--config.init_from={env["workdir"]}'),
-           'init_reset_head=False'),
+           'init_reset_head=False', **new),
       Case('best checkpoint metric not an eval metric',
            main('--config.best_checkpoint_metric=test/acc'),
            "best_checkpoint_metric='test/acc' is not an eval metric"),
@@ -179,7 +194,7 @@ def catalogue(env):
            '/sys/vit_jax_run'),
       Case('resume with a different model',
            main('--config.model.num_layers=2'),
-           "model.num_layers: 4 in the workdir, 2 now"),
+           f"{REFUSED_RESUME} (model.num_layers: 4 in the workdir, 2 now)"),
       Case('missing workdir flag', [f'--config={DIGITS}'], '--workdir'),
       Case('export of a missing checkpoint',
            ['--checkpoint=/no/such/run', '--format=npz', '--out=/tmp/x.npz'],
@@ -197,7 +212,8 @@ def run_case(case, env):
   """Runs `case` against its own copy of the trained workdir."""
   workdir = os.path.join(str(env['root']), 'case_' + case.name.replace(
       ' ', '_'))
-  shutil.copytree(env['workdir'], workdir)
+  if not case.new_workdir:
+    shutil.copytree(env['workdir'], workdir)
   before = digest(workdir)
   args = [a.replace('{workdir}', workdir) for a in case.args]
   result = run_program(case.module, args, case.env, env['tfds_dir'])
@@ -229,6 +245,8 @@ def test_every_bad_input_fails_cleanly_and_loses_nothing(env):
       problems.append(f'{case.name}: traceback\n{result.stderr[-2000:]}')
     if case.expected not in last:
       problems.append(f'{case.name}: {case.expected!r} not in {last!r}')
+    if REFUSED_RESUME in last and REFUSED_RESUME not in case.expected:
+      problems.append(f'{case.name}: stopped by the resume check instead')
     if before != after:
       problems.append(f'{case.name}: the workdir changed')
   print('\n'.join(report))

@@ -12,6 +12,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -142,6 +143,32 @@ def test_micro_batch_must_split_over_devices():
   with pytest.raises(ValueError, match='batch_size=12 must be a positive '
                      r'multiple of the device count \(8 devices\)'):
     train.validate_config(tiny_config(batch_size=12), num_devices=8)
+
+
+def test_image_size_must_divide_into_patches():
+  config = tiny_config(image_size=9)
+  with pytest.raises(ValueError, match=r'image_size=9 does not divide into '
+                     r'patches of model.patch_size=\(2, 2\)$'):
+    train.validate_config(config, num_devices=8)
+  hybrid = tiny_config(image_size=40)
+  hybrid.model.resnet = ml_collections.ConfigDict(
+      {'num_layers': (1,), 'width_factor': 1})
+  hybrid.model.patch_size = (4, 4)  # 40 -> 10 after the stem.
+  with pytest.raises(ValueError, match='after the ResNet stem'):
+    train.validate_config(hybrid, num_devices=8)
+  hybrid.image_size = 48  # 12 after the stem.
+  train.validate_config(hybrid, num_devices=8)
+
+
+def test_workdir_probe_leaves_nothing_behind(tmp_path):
+  new = tmp_path / 'runs' / 'new'
+  train_checkpoints.check_workdir_writable(str(new))
+  assert not (tmp_path / 'runs').exists() and os.listdir(tmp_path) == []
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(NotADirectoryError, match='is a file'):
+    train_checkpoints.check_workdir_writable(str(tmp_path / 'file'))
+  with pytest.raises(NotADirectoryError, match='is a file'):
+    train_checkpoints.check_workdir_writable(str(tmp_path / 'file' / 'run'))
 
 
 def test_sigmoid_loss():

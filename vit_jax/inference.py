@@ -119,15 +119,24 @@ def _class_names(checkpoint: str, known: Optional[list[str]],
   return list(names)
 
 
+def check_image_files(paths: Sequence[str]) -> None:
+  """Raises FileNotFoundError for the first path that is not a file.
+
+  Cheap, so callers check before loading a checkpoint.
+  """
+  for path in paths:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'image {path} does not exist')
+
+
 def load_images(paths: Sequence[str], classifier: Classifier) -> np.ndarray:
   """Decodes and preprocesses image files as the model's eval pipeline does."""
+  check_image_files(paths)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from vit_jax import preprocess  # pylint: disable=g-import-not-at-top
   pipeline = preprocess.parse(classifier.pp_eval, channels=classifier.channels)
   images = []
   for path in paths:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f'image {path} does not exist')
     encoded = tf.io.read_file(path)
     try:
       features = pipeline({'image': encoded, 'label': tf.constant(0)})

@@ -42,6 +42,7 @@ def predict(checkpoint: str, image_paths: Sequence[str], *, k: int = 5,
             model: Optional[str] = None, step: ckpt.StepChoice = None,
             class_names_file: Optional[str] = None) -> list:
   """Loads the checkpoint and returns top-k predictions for each image."""
+  inference.check_image_files(image_paths)
   classifier = inference.load_classifier(
       checkpoint, model=model, step=step, class_names_file=class_names_file)
   images = inference.load_images(image_paths, classifier)

@@ -15,6 +15,7 @@ ahead of them.
 import collections
 import contextlib
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Iterator, NoReturn, Optional
 
@@ -110,9 +111,16 @@ def validate_config(config: ml_collections.ConfigDict,
     if config[key] < 0:
       raise ValueError(f'{key} must be 0 (only at the end) or positive, got '
                        f'{config[key]}')
-  # Imported here: only this check and fine-tuning need the module.
+  # Imported here: only these checks and fine-tuning need the module.
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   checkpoint.parse_step(config.get('init_from_step'), 'init_from_step')
+  try:
+    checkpoint.patch_grid(config.model, image_size(config))
+  except checkpoint.CheckpointError:
+    stem = ' after the ResNet stem' if config.model.get('resnet') else ''
+    raise ValueError(f'image_size={config.image_size} does not divide into '
+                     f'patches of model.patch_size={config.model.patch_size}'
+                     f'{stem}') from None
   if config.batch_size % config.accum_steps:
     raise ValueError(f'batch_size={config.batch_size} is not divisible by '
                      f'accum_steps={config.accum_steps}')
@@ -361,12 +369,12 @@ class Run:
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str,
               mesh: Optional[Mesh] = None) -> Run:
-  """Checks the config and builds the model, optimizer and jitted steps.
+  """Reads the dataset's info and builds the model, optimizer and jitted steps.
 
-  Writes nothing: the checkpointer is attached later (`open_workdir`).
+  `config` must have passed `validate_config`. Writes nothing: the
+  checkpointer is attached later.
   """
   mesh = mesh or parallel.make_mesh()
-  validate_config(config, mesh.size)
   info = input_pipeline.get_dataset_info(config)
   validate_data(config, info)
   durations = optim.resolve_durations(config, info.num_train_examples)
@@ -386,17 +394,14 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str,
                                loss=config.loss))
 
 
-def _pretrained_params(config: ml_collections.ConfigDict,
-                       init_params: Any) -> tuple[Any, str]:
-  """Loads `config.init_from` and adapts it to the model (fine-tuning).
+def load_init_checkpoint(config: ml_collections.ConfigDict) -> Any:
+  """The parameters in `config.init_from` as stored (None without it).
 
-  Returns the params and a summary of the surgery. The source may be an
-  official .npz, a HF directory or a training workdir; position embeddings
-  are resampled to this run's patch grid (`checkpoint.adapt_params`). With
-  `init_reset_head` the head starts anew; without it the checkpoint's head
-  is kept, so a different class count is an error rather than a silently
-  new head.
+  Called before the dataset and the model are set up, so that a wrong path
+  or an unreadable file fails within seconds.
   """
+  if not config.init_from:
+    return None
   # Imported here: only fine-tuning runs need the interchange formats.
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   try:
@@ -405,6 +410,21 @@ def _pretrained_params(config: ml_collections.ConfigDict,
             config.get('init_from_step'), 'init_from_step'))
   except checkpoint.CheckpointError as error:
     raise checkpoint.CheckpointError(f'init_from: {error}') from None
+  return loaded
+
+
+def _fit_pretrained(config: ml_collections.ConfigDict, loaded: Any,
+                    init_params: Any) -> tuple[Any, str]:
+  """Adapts loaded parameters to the model (fine-tuning).
+
+  Returns the params and a summary of the surgery. The source may be an
+  official .npz, a HF directory or a training workdir; position embeddings
+  are resampled to this run's patch grid (`checkpoint.adapt_params`). With
+  `init_reset_head` the head starts anew; without it the checkpoint's head
+  is kept, so a different class count is an error rather than a silently
+  new head.
+  """
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   reset = config.init_reset_head
   try:
     params, report = checkpoint.adapt_params(
@@ -423,20 +443,24 @@ def _pretrained_params(config: ml_collections.ConfigDict,
   return params, report.summary()
 
 
-def pretrained_params(run: Run) -> Optional[tuple[Any, str]]:
+def pretrained_params(run: Run, loaded: Any = None
+                      ) -> Optional[tuple[Any, str]]:
   """`config.init_from` fitted to the model (host arrays) and a summary.
 
-  None without `init_from`. Read before anything is written to the workdir,
-  even when the run will resume instead, so that a wrong `init_from` fails
-  on the first try.
+  None without `init_from`. `loaded` is `load_init_checkpoint`'s result,
+  read here when not given. Called before anything is written to the
+  workdir, even when the run will resume instead, so that a wrong
+  `init_from` fails on the first try.
   """
   if not run.config.init_from:
     return None
+  if loaded is None:
+    loaded = load_init_checkpoint(run.config)
   # The fresh params supply shapes and the values of a re-initialised head.
   init = _init_fn(run.model, run.tx, input_shape(run.config, run.info))
   init_params = jax.jit(lambda rng: init(rng).params)(
       jax.random.PRNGKey(run.config.seed))
-  return _pretrained_params(run.config, jax.device_get(init_params))
+  return _fit_pretrained(run.config, loaded, jax.device_get(init_params))
 
 
 def initial_state(run: Run,
@@ -625,10 +649,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        mesh: Optional[Mesh] = None) -> dict:
   """Trains (resuming from `workdir` if possible), evaluates, checkpoints.
 
-  Checks the config, the dataset and `init_from` first; then refuses
-  (IncompatibleWorkdirError) a workdir whose config.json describes a
-  different model, or one that cannot be written. Only then writes
-  config.json. A SIGTERM during training saves a checkpoint and raises
+  Checks the config; the workdir, refusing (IncompatibleWorkdirError) one
+  whose config.json describes a different model, or one that cannot be
+  written; `init_from`; and the dataset. Only then writes config.json. A SIGTERM during training saves a checkpoint and raises
   `preemption.Preempted`.
 
   Args:
@@ -641,12 +664,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The contents of results.json.
   """
   start_time = time.time()
-  # Every input is checked before the workdir is touched: a failed start
-  # leaves an existing run exactly as it was.
-  run = setup_run(config, workdir, mesh)
-  pretrained = pretrained_params(run)
+  # Every input is checked before the workdir is touched, so a failed start
+  # leaves an existing run exactly as it was; the cheap checks come first, so
+  # a mistake in the config, the workdir or the init_from path is reported
+  # before TensorFlow loads for the dataset and the model is compiled.
+  mesh = mesh or parallel.make_mesh()
+  validate_config(config, mesh.size)
   train_checkpoints.check_workdir_config(workdir, config)
   train_checkpoints.check_workdir_writable(workdir)
+  pretrained = load_init_checkpoint(config)
+  run = setup_run(config, workdir, mesh)
+  pretrained = pretrained_params(run, pretrained)
+  os.makedirs(workdir, exist_ok=True)
   run.checkpointer = train_checkpoints.Checkpointer(
       workdir, keep=config.keep_checkpoints,
       best_metric=config.get('best_checkpoint_metric') or '')

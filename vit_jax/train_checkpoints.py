@@ -339,18 +339,24 @@ def check_workdir_config(workdir: str,
 
 
 def check_workdir_writable(workdir: str) -> None:
-  """Creates `workdir` if needed; raises a one-line error if unwritable.
+  """Raises a one-line error if `workdir` cannot be created or written.
 
-  A probe file is written and removed, since permission bits do not tell
-  (root ignores them; a read-only mount does not show in them).
+  Leaves nothing behind: a probe directory is made and removed in the
+  workdir, or in its nearest existing parent when the workdir does not exist
+  yet. Permission bits do not tell (root ignores them; a read-only mount
+  does not show in them).
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f'--workdir {workdir} is a file, not a '
                              'directory')
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise NotADirectoryError(f'--workdir {workdir}: {existing} is a file, '
+                             'not a directory')
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_probe'):
-      pass
+    os.rmdir(tempfile.mkdtemp(dir=existing, prefix='.write_probe'))
   except OSError as error:
     raise PermissionError(f'--workdir {workdir} is not writable: '
                           f'{error.strerror or error}') from None

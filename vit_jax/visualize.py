@@ -78,6 +78,7 @@ def save_figure(image: np.ndarray, maps: np.ndarray, title: str,
 def visualize(checkpoint: str, image_path: str, out: str, *,
               model: Optional[str] = None, step: Optional[int] = None) -> str:
   """Writes the rollout figure of one image; returns the predicted class."""
+  inference.check_image_files([image_path])
   classifier = inference.load_classifier(checkpoint, model=model, step=step)
   images = inference.load_images([image_path], classifier)
   logits, maps = rollout_maps(classifier, images)
