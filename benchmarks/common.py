@@ -132,10 +132,12 @@ def add_model_arguments(parser, *, several: bool = False) -> None:
 
 
 def add_run_arguments(parser) -> None:
-  """--smoke and --out, and the parent-to-child flags of `run_rounds`."""
+  """--smoke, --out and --ceiling_size, and the parent-to-child flags of
+  `run_rounds`."""
   parser.add_argument('--smoke', action='store_true',
                       help='tiny and fast: checks that the script runs')
   parser.add_argument('--out', default=None)
+  add_ceiling_argument(parser)
   parser.add_argument('--config_json', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--child_json', default=None, help=argparse.SUPPRESS)
 
@@ -315,8 +317,19 @@ def xla_memory_mb(compiled) -> float:
 # ---------------------------------------------------------------------------
 # The matmul ceiling.
 
+CEILING_SIZE = 2048
+# A smoke run checks that the script works; its numbers mean nothing, and
+# 2048^3 matmuls cost it seconds per measurement.
+SMOKE_CEILING_SIZE = 256
 
-def matmul_ceiling(size: int = 2048, repeats: int = 10) -> dict[str, float]:
+
+def add_ceiling_argument(parser) -> None:
+  parser.add_argument('--ceiling_size', type=int, default=CEILING_SIZE,
+                      help='side of the square matmuls that measure the '
+                      f'ceiling (--smoke: {SMOKE_CEILING_SIZE})')
+
+
+def matmul_ceiling(size: int = CEILING_SIZE, repeats: int = 10) -> dict[str, float]:
   """GFLOP/s of a large jitted matmul: float32, and bf16 x bf16 -> float32.
 
   Median over `repeats` calls after one warm-up; the best a dense layer can
@@ -390,7 +403,7 @@ def machine_info() -> dict[str, Any]:
   return {
       'cpu_count': os.cpu_count(),
       'machine': platform.machine(),
-      'processor': _cpu_model(),
+      'processor': cpu_info.model_name(),
       # 'AMD EPYC' alone named both an AVX-512 and an AVX2 machine here.
       'cpu_features': cpu_info.vector_features(),
       'load_average': os.getloadavg(),
@@ -400,17 +413,6 @@ def machine_info() -> dict[str, Any]:
       'python': platform.python_version(),
       'malloc_huge_pages': host_memory.huge_pages_on(),
   }
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 # ---------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def _parse_args(argv):
   args = parser.parse_args(argv)
   if args.smoke:
     args.model, args.batch, args.steps, args.warmup = 'digits', '8', 3, 1
+    args.ceiling_size = common.SMOKE_CEILING_SIZE
   return args
 
 
@@ -80,14 +81,15 @@ def measure(config: dict, args) -> dict:
   spec = common.model_spec(config['model'], args.image_size,
                            dtype=config['dtype'])
   # Measured again after the timed steps; the higher one counts.
-  ceilings = common.matmul_ceiling()
+  ceilings = common.matmul_ceiling(args.ceiling_size)
   step, params, mesh = build_eval_step(spec, config.get('xla', 'default'))
   batch = parallel.global_batch(
       common.random_batch(spec, config['batch'], with_mask=True), mesh)
   compiled, compile_s = common.compile_step(step, params, batch)
   times = common.time_steps(lambda: compiled(params, batch),
                             warmup=args.warmup, steps=args.steps)
-  ceilings = common.best_ceilings(ceilings, common.matmul_ceiling())
+  ceilings = common.best_ceilings(
+      ceilings, common.matmul_ceiling(args.ceiling_size))
   row = common.step_row(label(config), config['batch'], times,
                         common.xla_flops(compiled),
                         common.ceiling_for(config['dtype'], ceilings))
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
                         batch=common.parse_list(args.batch, int),
                         dtype=common.parse_list(args.dtype),
                         xla=common.parse_list(args.xla))
-  child_args = [f'--steps={args.steps}', f'--warmup={args.warmup}']
+  child_args = [f'--steps={args.steps}', f'--warmup={args.warmup}',
+                f'--ceiling_size={args.ceiling_size}']
   if args.image_size:
     child_args.append(f'--image_size={args.image_size}')
   rows = common.run_rounds(os.path.abspath(__file__), configs, args.rounds,

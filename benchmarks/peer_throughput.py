@@ -79,10 +79,12 @@ def _parse_args(argv):
   parser.add_argument('--smoke', action='store_true',
                       help='tiny and fast: checks that the script runs')
   parser.add_argument('--out', default=None)
+  common.add_ceiling_argument(parser)
   args = parser.parse_args(argv)
   if args.smoke:
     args.model, args.batch, args.rounds, args.steps, args.warmup = (
         'digits', 8, 2, 2, 1)
+    args.ceiling_size = common.SMOKE_CEILING_SIZE
   return args
 
 
@@ -128,7 +130,8 @@ def torch_train_step(model: torch.nn.Module, batch: dict):
   return step
 
 
-def torch_ceiling(size: int = 2048, repeats: int = 10) -> float:
+def torch_ceiling(size: int = common.CEILING_SIZE,
+                  repeats: int = 10) -> float:
   """GFLOP/s of a float32 torch matmul (torch's own BLAS ceiling)."""
   a, b = torch.randn(size, size), torch.randn(size, size)
   torch.mm(a, b)
@@ -173,8 +176,9 @@ def _alternate(steps: dict, args) -> tuple[dict, list[dict]]:
   for round_index in range(args.rounds):
     for name, step in steps.items():
       times[name].extend(common.time_steps(step, warmup=0, steps=args.steps))
-    ceilings.append({**common.matmul_ceiling(repeats=5),
-                     'torch_f32_gflops': torch_ceiling(repeats=5)})
+    ceilings.append({
+        **common.matmul_ceiling(args.ceiling_size, repeats=5),
+        'torch_f32_gflops': torch_ceiling(args.ceiling_size, repeats=5)})
     rates = ', '.join(
         f'{name} {args.batch / np.median(t.seconds[-args.steps:]):.1f}'
         for name, t in times.items())

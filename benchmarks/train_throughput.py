@@ -88,6 +88,7 @@ def _parse_args(argv):
   if args.smoke:
     args.model, args.batch, args.steps, args.warmup = 'digits', '8', 3, 1
     args.scaling_models, args.scaling_batches = 'digits', '4,8'
+    args.ceiling_size = common.SMOKE_CEILING_SIZE
   return args
 
 
@@ -157,7 +158,7 @@ def measure(config: dict, args) -> dict:
   spec = common.model_spec(config['model'], args.image_size,
                            dtype=config['dtype'], remat=config['remat'])
   # Measured again after the timed steps; the higher one counts.
-  ceilings = common.matmul_ceiling()
+  ceilings = common.matmul_ceiling(args.ceiling_size)
   step, state, mesh = build_train_step(spec, config, args.optimizer)
   batch = parallel.global_batch(
       common.random_batch(spec, config['batch']), mesh)
@@ -177,7 +178,8 @@ def measure(config: dict, args) -> dict:
 
   times = common.time_steps(run_step, warmup=args.warmup, steps=args.steps,
                             budget_s=args.budget_s)
-  ceilings = common.best_ceilings(ceilings, common.matmul_ceiling())
+  ceilings = common.best_ceilings(
+      ceilings, common.matmul_ceiling(args.ceiling_size))
   row = common.step_row(label(config), config['batch'], times,
                         common.step_flops(compiled, config['accum']),
                         common.ceiling_for(config['dtype'], ceilings))
@@ -216,7 +218,8 @@ def main(argv=None) -> int:
     return 0
   warmup = 1 if args.scaling else args.warmup  # Big scaling steps are slow.
   child_args = [f'--steps={args.steps}', f'--warmup={warmup}',
-                f'--optimizer={args.optimizer}']
+                f'--optimizer={args.optimizer}',
+                f'--ceiling_size={args.ceiling_size}']
   if args.image_size:
     child_args.append(f'--image_size={args.image_size}')
   if args.budget_s or args.scaling:

@@ -30,3 +30,12 @@ def test_this_cpus_flags_line_is_read():
   assert line
   if line.startswith(('flags', 'Features')):
     assert cpu_info.flags()
+
+
+def test_this_cpus_model_name_is_read():
+  with open('/proc/cpuinfo') as f:
+    names = [line.split(':', 1)[1].strip() for line in f
+             if line.startswith('model name')]
+  if not names:
+    pytest.skip('/proc/cpuinfo lists no model name here')
+  assert cpu_info.model_name() == names[0]

@@ -16,17 +16,29 @@ VECTOR_FLAGS = frozenset({'avx2', 'fma', 'avx512f', 'asimd', 'sve'}
                          ) | NATIVE_BF16_FLAGS
 
 
+def _cpuinfo_line(*prefixes: str) -> str | None:
+  """The first line of /proc/cpuinfo that starts with one of `prefixes`."""
+  try:
+    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith(prefixes):
+        return line
+  except OSError:
+    pass
+  return None
+
+
 @functools.cache
 def flags_line() -> str:
   """The first 'flags' (x86) or 'Features' (aarch64) line of /proc/cpuinfo,
   else the processor's name: what the CPU offers, as one string."""
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith(('flags', 'Features')):
-        return line
-  except OSError:
-    pass
-  return platform.processor()
+  return _cpuinfo_line('flags', 'Features') or platform.processor()
+
+
+@functools.cache
+def model_name() -> str:
+  """The CPU's name ('AMD EPYC ...'), else what `platform` knows of it."""
+  line = _cpuinfo_line('model name')
+  return line.partition(':')[2].strip() if line else platform.processor()
 
 
 def flags() -> frozenset[str]:
