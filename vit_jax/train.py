@@ -651,7 +651,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Checks the config; the workdir, refusing (IncompatibleWorkdirError) one
   whose config.json describes a different model, or one that cannot be
-  written; `init_from`; and the dataset. Only then writes config.json. A SIGTERM during training saves a checkpoint and raises
+  written; `init_from`; and the dataset. Only then writes config.json. A
+  SIGTERM during training saves a checkpoint and raises
   `preemption.Preempted`.
 
   Args:
@@ -672,10 +673,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config, mesh.size)
   train_checkpoints.check_workdir_config(workdir, config)
   train_checkpoints.check_workdir_writable(workdir)
-  pretrained = load_init_checkpoint(config)
+  loaded = load_init_checkpoint(config)
   run = setup_run(config, workdir, mesh)
-  pretrained = pretrained_params(run, pretrained)
-  os.makedirs(workdir, exist_ok=True)
+  pretrained = pretrained_params(run, loaded)
+  del loaded  # The fitted copy is what training starts from.
+  os.makedirs(workdir, exist_ok=True)  # Only now that every input passed.
   run.checkpointer = train_checkpoints.Checkpointer(
       workdir, keep=config.keep_checkpoints,
       best_metric=config.get('best_checkpoint_metric') or '')
