@@ -29,6 +29,10 @@ if __name__ == '__main__':
 # Quiet TensorFlow (the input pipeline's) start-up messages.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+# `import tensorflow` also imports Keras (3.5 of its 10 s on 2 AVX2 cores)
+# unless pointed at the separate tf_keras package, which it then skips when
+# that is not installed. Training reads data with tf.data only.
+os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
 # The config files import their siblings as `configs.*`; configs/ is a
 # directory of the checkout, not part of the installed package, so the
