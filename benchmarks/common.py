@@ -329,7 +329,8 @@ def add_ceiling_argument(parser) -> None:
                       f'ceiling (--smoke: {SMOKE_CEILING_SIZE})')
 
 
-def matmul_ceiling(size: int = CEILING_SIZE, repeats: int = 10) -> dict[str, float]:
+def matmul_ceiling(size: int = CEILING_SIZE,
+                   repeats: int = 10) -> dict[str, float]:
   """GFLOP/s of a large jitted matmul: float32, and bf16 x bf16 -> float32.
 
   Median over `repeats` calls after one warm-up; the best a dense layer can

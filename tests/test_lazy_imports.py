@@ -74,3 +74,14 @@ input_pipeline.tf.data.Dataset.range(3).batch(2)
 print('tensorflow' in sys.modules, 'keras' in sys.modules)
 """
   assert _modules_after(code) == 'True False'
+
+
+def test_the_logger_does_not_import_torch(tmp_path):
+  # tensorboardX would: 3-5 s added to every run's start when torch is there.
+  code = f"""
+import sys
+from vit_jax import metrics
+metrics.MetricLogger({str(tmp_path)!r}, total_steps=1, batch_size=1).close()
+print('torch' in sys.modules)
+"""
+  assert _modules_after(code) == 'False'
