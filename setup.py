@@ -39,7 +39,9 @@ setuptools.setup(
     version='0.1.0',
     description='Vision Transformers in JAX/Flax: models, training, checkpoints.',
     packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
-    package_data={'vit_jax': ['datasets/*.txt', 'datasets/*.md', 'models/*.cc']},
+    # The C/C++ sources are compiled on first use (vit_jax/native_build.py).
+    package_data={'vit_jax': ['datasets/*.txt', 'datasets/*.md', '*.c',
+                              'models/*.cc']},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require={'test': TEST_REQUIRES},

@@ -22,8 +22,9 @@ Conventions every benchmark follows:
     step (`compiled.memory_analysis()`: temporaries + arguments + outputs)
     is reported next to it as `xla_mb`;
   * malloc: every script starts through `run_script`, which restarts it
-    once with huge pages for malloc, as `python -m vit_jax.main` does
-    (`vit_jax.host_memory`); VIT_JAX_HUGE_PAGES=0 measures glibc's defaults.
+    once with huge pages for malloc and the block cache preloaded, as
+    `python -m vit_jax.main` does (`vit_jax.host_memory`);
+    VIT_JAX_HUGE_PAGES=0 and VIT_JAX_BLOCK_CACHE=0 measure without them.
 """
 
 import argparse
@@ -235,9 +236,9 @@ def time_steps(step: Callable[[], Any], *, warmup: int, steps: int,
 
 
 def run_script(main: Callable[[], int]) -> None:
-  """A script's entry point: huge pages for malloc, then `main`'s status."""
+  """A script's entry point: fast step memory (host_memory), then `main`."""
   # The configurations' fresh processes inherit the restarted environment.
-  host_memory.restart_with_huge_pages()
+  host_memory.restart_for_step_memory()
   sys.exit(main())
 
 
@@ -413,6 +414,7 @@ def machine_info() -> dict[str, Any]:
       'devices': jax.device_count(),
       'python': platform.python_version(),
       'malloc_huge_pages': host_memory.huge_pages_on(),
+      'block_cache': host_memory.block_cache_on(),
   }
 
 

@@ -66,8 +66,11 @@ def test_train_throughput_smoke_runs_each_dtype(tmp_path):
   assert_step_rows(payload['results'], 2)
   assert payload['machine']['cpu_count'] >= 1
   assert payload['machine']['cpu_features'] == cpu_info.vector_features()
-  # Restarted with huge pages for malloc wherever glibc and the kernel can.
+  # Restarted with huge pages for malloc wherever glibc and the kernel can,
+  # and with the block cache wherever glibc can.
   assert payload['machine']['malloc_huge_pages'] == host_memory.supported()
+  assert payload['machine']['block_cache'] == (
+      host_memory.glibc_version() is not None)
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from vit_jax import host_memory
 
 if __name__ == '__main__':
   # Before anything heavy loads: this may restart the command once.
-  host_memory.restart_with_huge_pages()
+  host_memory.restart_for_step_memory()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app

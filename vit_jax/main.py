@@ -10,8 +10,9 @@ checkpoint. Mistakes in the config or the inputs end the run with one line on
 stderr and exit status 1 (`--traceback` shows the full trace). SIGTERM
 saves a checkpoint at the current step and exits with status 75; rerunning
 resumes (see docs/multihost.md). The command restarts itself once, at
-start, with huge pages for malloc (vit_jax/host_memory.py; opt out with
-VIT_JAX_HUGE_PAGES=0).
+start, with huge pages for malloc and a cache of XLA's per-step memory blocks
+(vit_jax/host_memory.py; opt out with VIT_JAX_HUGE_PAGES=0 and
+VIT_JAX_BLOCK_CACHE=0).
 """
 
 import logging as std_logging
@@ -24,7 +25,7 @@ from vit_jax import host_memory
 
 if __name__ == '__main__':
   # Before anything heavy loads: this may restart the command once.
-  host_memory.restart_with_huge_pages()
+  host_memory.restart_for_step_memory()
 
 # Quiet TensorFlow (the input pipeline's) start-up messages.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

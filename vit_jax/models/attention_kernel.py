@@ -15,11 +15,9 @@ compiler, or with `VIT_JAX_CPU_ATTENTION=0`, the model uses XLA's attention
 
 import ctypes
 import functools
-import hashlib
 import os
 import pathlib
 import subprocess
-import tempfile
 import warnings
 
 from typing import Any, Callable
@@ -32,11 +30,12 @@ from jax.sharding import PartitionSpec as P
 import jaxlib
 
 from vit_jax import cpu_info
+from vit_jax import native_build
 
 Array = jax.Array
 
 ENV_SWITCH = 'VIT_JAX_CPU_ATTENTION'
-CACHE_ENV = 'VIT_JAX_KERNEL_CACHE'
+CACHE_ENV = native_build.CACHE_ENV
 SOURCE = pathlib.Path(__file__).with_name('attention_kernel.cc')
 TARGETS = {
     'forward': 'VitJaxAttentionForward',
@@ -202,25 +201,6 @@ def _compiler_command(output: pathlib.Path,
 
 def _built_library() -> pathlib.Path:
   """The cached shared library, compiled first if it is not there yet."""
-  key = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(),
-               cpu_info.flags_line().encode(), ' '.join(_compiler_command(
-                   pathlib.Path('out'))).encode()):
-    key.update(part)
-  cache = pathlib.Path(os.environ.get(CACHE_ENV, '~/.cache/vit_jax'))
-  cache = cache.expanduser()
-  library = cache / f'attention_kernel-{key.hexdigest()[:16]}.so'
-  if library.exists():
-    return library
-  cache.mkdir(parents=True, exist_ok=True)
-  # Compile to a private name, then rename: concurrent processes (pytest
-  # workers) never load a half-written library.
-  with tempfile.TemporaryDirectory(dir=cache) as scratch:
-    partial = pathlib.Path(scratch) / library.name
-    result = subprocess.run(_compiler_command(partial), capture_output=True,
-                            text=True, timeout=300, check=False)
-    if result.returncode != 0:
-      last_line = (result.stderr.strip().splitlines() or ['no output'])[-1]
-      raise OSError(f'compiling {SOURCE.name} failed: {last_line}')
-    os.replace(partial, library)
-  return library
+  return native_build.shared_library(SOURCE, _compiler_command,
+                                     jaxlib.__version__,
+                                     cpu_info.flags_line())
