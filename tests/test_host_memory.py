@@ -228,3 +228,22 @@ print(usable >= size, kept, allocate(size) == block)
 @needs_glibc
 def test_realloc_of_a_cached_block_keeps_its_bytes_and_frees_it():
   assert _with_block_cache(_REALLOC) == ['True True True']
+
+
+_FORK = _ALLOCATOR + """
+import os
+size = 72 * MiB
+block = allocate(size)
+pid = os.fork()
+if pid == 0:  # the child frees its copy and takes it back, then leaves
+  libc.free(block)
+  os._exit(0 if allocate(size) == block else 1)
+_, status = os.waitpid(pid, 0)
+libc.free(block)
+print(os.waitstatus_to_exitcode(status), allocate(size) == block)
+"""
+
+
+@needs_glibc
+def test_a_forked_child_has_its_own_working_cache():
+  assert _with_block_cache(_FORK) == ['0 True']

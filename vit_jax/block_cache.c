@@ -62,6 +62,15 @@ __attribute__((constructor)) static void resolve_next_allocator(void) {
                (size_t)sysconf(_SC_PAGESIZE) / 4;
 }
 
+// A child forked while another thread holds the lock must not inherit it
+// held (the lock is taken on frees of 2 MiB-aligned pointers).
+static void lock_before_fork(void) { pthread_mutex_lock(&lock); }
+static void unlock_after_fork(void) { pthread_mutex_unlock(&lock); }
+
+__attribute__((constructor)) static void register_fork_handlers(void) {
+  pthread_atfork(lock_before_fork, unlock_after_fork, unlock_after_fork);
+}
+
 static size_t round_to_huge_pages(size_t size) {
   return (size + kHugePage - 1) & ~(kHugePage - 1);
 }

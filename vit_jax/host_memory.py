@@ -166,7 +166,7 @@ def block_cache_on() -> bool:
 
 
 def _compiler_command(output: pathlib.Path) -> list[str]:
-  return [os.environ.get('CC', 'cc'), '-O2', '-shared', '-fPIC',
+  return [os.environ.get('CC', 'cc'), '-O2', '-shared', '-fPIC', '-pthread',
           str(BLOCK_CACHE_SOURCE), '-o', str(output), '-ldl']
 
 
