@@ -160,12 +160,13 @@ static char* take_block(size_t size) {
   const struct timespec poll = {0, kPollNs};
   for (;;) {
     int busy;
+    const int stop_waiting = elapsed_ns(&start) >= kWaitNs;
     pthread_mutex_lock(&lock);
     char* data = reuse_locked(size, &busy);
-    if (data == NULL && (!busy || elapsed_ns(&start) >= kWaitNs))
-      data = map_into_slot_locked(size);
+    const int map_new = data == NULL && (!busy || stop_waiting);
+    if (map_new) data = map_into_slot_locked(size);
     pthread_mutex_unlock(&lock);
-    if (data != NULL || !busy || elapsed_ns(&start) >= kWaitNs) return data;
+    if (data != NULL || map_new) return data;  // NULL: glibc's block then
     nanosleep(&poll, NULL);
   }
 }
