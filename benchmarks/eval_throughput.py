@@ -9,7 +9,8 @@ The step is `vit_jax.train.make_eval_step`, what evaluation runs: the
 forward pass in eval mode plus the correct/count/loss sums over a padded
 batch. Same columns, models and conventions as train_throughput.py (see
 benchmarks/common.py): each configuration in a fresh process that also
-measures the matmul ceiling; FLOPs from XLA's cost analysis.
+measures the matmul ceiling; FLOPs from XLA's cost analysis plus the
+attention kernel's products.
 """
 
 import argparse
@@ -91,7 +92,7 @@ def measure(config: dict, args) -> dict:
   ceilings = common.best_ceilings(
       ceilings, common.matmul_ceiling(args.ceiling_size))
   row = common.step_row(label(config), config['batch'], times,
-                        common.xla_flops(compiled),
+                        common.compiled_flops(compiled),
                         common.ceiling_for(config['dtype'], ceilings))
   return {**row, **ceilings, 'model': config['model'],
           'image_size': spec.image_size, 'compile_s': compile_s,

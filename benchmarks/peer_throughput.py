@@ -13,8 +13,8 @@ float32 with `torch.set_num_threads(cores)`.
 
 The two alternate in rounds (ours N steps, theirs N steps, the matmul
 ceilings, repeat), so a busy machine slows both alike and the ratio holds.
-GFLOP/s of both use the FLOPs of our compiled step from XLA's cost analysis
-(the same model, so the same arithmetic).
+GFLOP/s of both use the FLOPs of our compiled step (XLA's cost analysis plus
+the attention kernel's products; the same model, so the same arithmetic).
 """
 
 import argparse

@@ -166,3 +166,59 @@ def test_grid_and_round_merging():
   assert merged['quiet_steps'] == 5
   assert merged['quiet_images_per_s'] == 8 / 0.5
   assert common.merge_rounds([{'error': 'boom'}]) == {'error': 'boom'}
+
+
+def _compiled_train_step(common, attention_kernel_on, monkeypatch):
+  """A one-block train step (65 tokens, one head of 64), compiled; 16
+  images in 2 micro-batches, one example per device on 8 devices."""
+  # pylint: disable-next=g-import-not-at-top
+  from benchmarks import train_throughput
+  from vit_jax import parallel  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import attention_kernel  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(attention_kernel.ENV_SWITCH,
+                     '1' if attention_kernel_on else '0')
+  spec = common.model_spec('custom:hidden=64,layers=1,heads=1,mlp=64,'
+                           'patch=4,image=32')
+  config = dict(model=spec.name, batch=16, dtype='float32', accum=2,
+                remat=False)
+  step, state, mesh = train_throughput.build_train_step(spec, config, 'sgd')
+  batch = parallel.global_batch(common.random_batch(spec, 16), mesh)
+  compiled, _ = common.compile_step(step, state, batch)
+  return compiled
+
+
+def test_step_flops_count_the_attention_kernel_like_xla_attention(
+    monkeypatch):
+  sys.path.insert(0, REPO)
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import attention_kernel  # pylint: disable=g-import-not-at-top
+  if os.environ.get(attention_kernel.ENV_SWITCH) == '0':
+    pytest.skip(f'{attention_kernel.ENV_SWITCH}=0: kernel not wanted')
+  assert attention_kernel.load() is not None, 'the kernel did not build'
+  with_kernel = _compiled_train_step(common, True, monkeypatch)
+  with_xla = _compiled_train_step(common, False, monkeypatch)
+  assert 'VitJaxAttentionBackward' in with_kernel.as_text()
+  # XLA's analysis alone misses the attention's products (a third of this
+  # model's FLOPs); with them counted the two steps agree, up to the
+  # softmax's elementwise operations, which only XLA's attention counts.
+  counted = common.step_flops(with_kernel, 2)
+  reference = common.step_flops(with_xla, 2)
+  assert with_kernel.cost_analysis()['flops'] * 2 < 0.9 * reference
+  assert counted == pytest.approx(reference, rel=0.02)
+
+
+def test_kernel_flops_reads_calls_from_hlo_and_refuses_unknown_ones():
+  sys.path.insert(0, REPO)
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  line = ('%ffi_call.1 = f32[2,5,3,1,16]{4,3,2,1,0} custom-call(%a, %b, %c),'
+          ' custom_call_target="VitJaxAttentionKIND", operand_layout_'
+          'constraints={f32[2,5,3,1,16]{4,3,2,1,0}, f32[2,1,5,16]{3,2,1,0}}')
+  # Per (example, head), 2 * tokens^2 * head_dim = 800 FLOPs per product:
+  # 2 products forward, 4 backward.
+  hlo = '\n'.join([line.replace('KIND', 'Forward'),
+                   line.replace('KIND', 'Backward')])
+  assert common.kernel_flops(hlo) == 2 * 1 * 800 * (2 + 4)
+  with pytest.raises(ValueError, match='VitJaxAttentionSideways'):
+    common.kernel_flops(line.replace('KIND', 'Sideways'))
+  with pytest.raises(ValueError, match='no operand shape'):
+    common.kernel_flops('custom_call_target="VitJaxAttentionForward"')

@@ -75,6 +75,26 @@ def self_attention(qkv: Array) -> tuple[Array, Array]:
   return _self_attention(qkv)
 
 
+# Products of q k^T's size per call: q k^T and p v forward; dv, dp, dq and
+# dk backward (the weights' own gradient, when given, only adds to dp).
+_PRODUCTS_PER_CALL = {'forward': 2, 'backward': 4,
+                      'backward_with_weights_grad': 4}
+
+
+def model_flops(kernel: str, qkv_shape: tuple[int, ...]) -> int:
+  """The model's FLOPs in one call of `kernel` (a key of TARGETS).
+
+  XLA's cost analysis counts nothing for a custom call, so a step's FLOP
+  count adds these. Only the products count, 2 * tokens^2 * head_dim each
+  per (example, head), as for XLA's attention; the softmax's few operations
+  per weight (under 2% of the attention's FLOPs at head_dim 64) and the
+  kernel's padding do not.
+  """
+  batch, tokens, _, heads, head_dim = qkv_shape
+  return (_PRODUCTS_PER_CALL[kernel] * 2 * batch * heads * tokens**2 *
+          head_dim)
+
+
 def _padded(tokens: int) -> int:
   return -(-tokens // LANES) * LANES
 
