@@ -195,6 +195,27 @@ def test_blocks_in_use_together_are_distinct_and_all_reused():
   assert _with_block_cache(_CONCURRENT) == ['True True True']
 
 
+_TRAIN_THEN_EVAL = _ALLOCATOR + """
+def mapped(block):
+  start = format(block, 'x')
+  with open('/proc/self/maps') as maps:
+    return any(line.startswith(start + '-') for line in maps)
+
+train = allocate(100 * MiB)
+libc.free(train)
+kept = mapped(train)
+evaluation = allocate(70 * MiB)  # a new size: the train block goes
+print(kept, mapped(train), mapped(evaluation))
+"""
+
+
+@needs_glibc
+def test_a_request_of_a_new_size_unmaps_the_free_blocks():
+  # As glibc would: training's freed block must not stay resident beside
+  # evaluation's (peak memory), yet a same-size request still reuses it.
+  assert _with_block_cache(_TRAIN_THEN_EVAL) == ['True False True']
+
+
 _WAIT_FOR_THE_LAST_STEP = _ALLOCATOR + """
 size = 80 * MiB
 last_step = allocate(size)

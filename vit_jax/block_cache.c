@@ -13,8 +13,12 @@
 // Peak memory stays what it was. The next step often asks for its block a
 // moment before the last step's block is freed; instead of mapping a second
 // block then, a request waits up to 20 ms for a busy block of its size.
-// Freed blocks are kept up to a quarter of the physical memory in all; past
-// that the least recently used is unmapped.
+// A request that no free block fits (a new size: the process moved on, say
+// from training to evaluation) unmaps every free block before it maps its
+// own, as glibc would have unmapped them on free; otherwise the old work's
+// block would stay resident beside the new one's. Freed blocks are also
+// kept up to a quarter of the physical memory in all; past that the least
+// recently used is unmapped.
 
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -130,17 +134,15 @@ static char* reuse_locked(size_t size, int* busy) {
   return NULL;
 }
 
-// Under the lock: a newly mapped block in a slot (emptied of the least
-// recently used free block if need be), or NULL when every slot is in use.
+// Under the lock: a newly mapped block in an empty slot, after every free
+// block is unmapped; NULL when every slot is in use.
 static char* map_into_slot_locked(size_t size) {
+  for (int i = 0; i < kSlots; ++i)
+    if (blocks[i].data && !blocks[i].in_use) unmap_slot(&blocks[i]);
   struct Block* slot = NULL;
   for (int i = 0; i < kSlots && slot == NULL; ++i)
     if (!blocks[i].data) slot = &blocks[i];
-  if (slot == NULL) {
-    slot = least_recently_used_free();
-    if (slot == NULL) return NULL;
-    unmap_slot(slot);
-  }
+  if (slot == NULL) return NULL;
   char* data = map_block(size);
   if (data == NULL) return NULL;
   *slot = (struct Block){data, size, 1, ++use_clock};
