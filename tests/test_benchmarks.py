@@ -198,7 +198,7 @@ def test_step_flops_count_the_attention_kernel_like_xla_attention(
   with_kernel = _compiled_train_step(common, True, monkeypatch)
   with_xla = _compiled_train_step(common, False, monkeypatch)
   assert 'VitJaxAttentionBackward' in with_kernel.as_text()
-  # XLA's analysis alone misses the attention's products (a third of this
+  # XLA's analysis alone misses the attention's products (a fifth of this
   # model's FLOPs); with them counted the two steps agree, up to the
   # softmax's elementwise operations, which only XLA's attention counts.
   counted = common.step_flops(with_kernel, 2)
