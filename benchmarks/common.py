@@ -17,7 +17,7 @@ Conventions every benchmark follows:
     `quiet img/s` the median over the steps during which other processes
     used under 0.1 cores (shown when there are at least 3 such steps);
   * memory: `peak_rss_mb` is the process's peak resident set
-    (`resource.getrusage(...).ru_maxrss`); it only means something in a fresh
+    (VmHWM of /proc/self/status); it only means something in a fresh
     process per configuration (`run_isolated`), because it never goes down.
     JAX's CPU backend reports no `memory_stats()`, so XLA's own plan of the
     step (`compiled.memory_analysis()`: temporaries + arguments + outputs)
@@ -399,7 +399,19 @@ def best_ceilings(*measurements: dict[str, float]) -> dict[str, float]:
 
 
 def peak_rss_mb() -> float:
-  """Peak resident set of this process so far (Linux reports KiB)."""
+  """Peak resident set of this process so far, in MB.
+
+  Linux's VmHWM: unlike `ru_maxrss`, which a forked child starts from its
+  parent's resident set and keeps across `exec`, it belongs to this
+  program alone.
+  """
+  try:
+    with open('/proc/self/status') as status:
+      for line in status:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 1024  # kB
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

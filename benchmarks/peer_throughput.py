@@ -1,20 +1,30 @@
-r"""Our train step side by side with HF transformers' PyTorch ViT, one process.
+r"""Our train step side by side with the official recipe and HF's PyTorch ViT.
 
     python benchmarks/peer_throughput.py                  # reference config
     python benchmarks/peer_throughput.py --model Ti/16 --batch 32
+    python benchmarks/peer_throughput.py --official=glibc,vit_jax \
+        --official_accum=1,8                              # more baseline rows
     python benchmarks/peer_throughput.py --smoke          # seconds
 
-Both train the same model on the same batch with the same kind of optimizer:
-SGD momentum 0.9, gradient clipping at global norm 1, lr 0.01 (ours keeps
-its momentum in bfloat16 as the official code does; torch.optim.SGD keeps
-it in float32). The peer is `transformers.ViTForImageClassification` with
+All three train the same model on the same batch with the same kind of
+optimizer: SGD momentum 0.9, gradient clipping at global norm 1, lr 0.01
+(ours and the official-style step keep the momentum in bfloat16 as the
+official code does; torch.optim.SGD keeps it in float32). The HF peer is `transformers.ViTForImageClassification` with
 SDPA attention, tanh-GELU and LayerNorm epsilon 1e-6 (our numerics), in
 float32 with `torch.set_num_threads(cores)`.
 
-The two alternate in rounds (ours N steps, theirs N steps, the matmul
-ceilings, repeat), so a busy machine slows both alike and the ratio holds.
-GFLOP/s of both use the FLOPs of our compiled step (XLA's cost analysis plus
-the attention kernel's products; the same model, so the same arithmetic).
+The second baseline is the official google-research/vision_transformer
+recipe rebuilt from stock Flax (`benchmarks/official_style.py`: Flax's
+attention, pmap, XLA's default options), in a child process with glibc's
+malloc as a plain `python` has (`--official=vit_jax`: with our huge pages
+and block cache, to tell the allocator's share from the rest).
+
+All of them alternate in rounds (ours N steps, the official-style step N
+steps, HF N steps, the matmul ceilings, repeat), so a busy machine slows
+each alike and the ratios hold. GFLOP/s of every row use the FLOPs of our
+compiled step (XLA's cost analysis plus the attention kernel's products; the
+same model, so the same arithmetic; the official-style step's own count,
+with XLA's attention, is in the JSON as `xla_flops`).
 """
 
 import argparse
@@ -38,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common
+from benchmarks import official_style
 from benchmarks import train_throughput
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -52,6 +63,8 @@ COLUMNS = (
     common.Column('timed_steps', 'steps'),
     common.Column('others_cores', 'others', '{:.2f}'),
     common.Column('quiet_images_per_s', 'quiet img/s', '{:.1f}'),
+    common.Column('peak_rss_mb', 'peak MB', '{:.0f}'),
+    common.Column('vs_official', 'x official', '{:.2f}'),
     common.Column('vs_peer', 'x HF', '{:.2f}'),
     common.Column('quiet_vs_peer', 'quiet x HF', '{:.2f}'),
 )
@@ -71,6 +84,15 @@ def _parse_args(argv):
                       help='XLA:CPU option set(s) for our step, each its own '
                       'row: default (as vit_jax), xla, noynn, ynndot or '
                       'key=value[+...]')
+  parser.add_argument('--official', default='glibc',
+                      help='rows of the official-style step '
+                      '(benchmarks/official_style.py) in a child process, by '
+                      'its malloc: glibc (a plain python), vit_jax (huge '
+                      'pages and the block cache, as ours), both '
+                      'comma-separated, or none')
+  parser.add_argument('--official_accum', default='1',
+                      help='micro-batches of the official-style step, each '
+                      'its own row (its default config uses 8)')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=5,
                       help='timed steps per framework and round')
@@ -81,6 +103,10 @@ def _parse_args(argv):
   parser.add_argument('--out', default=None)
   common.add_ceiling_argument(parser)
   args = parser.parse_args(argv)
+  if not set(common.parse_list(args.official)) <= {'glibc', 'vit_jax',
+                                                    'none'}:
+    parser.error(f'--official={args.official!r}: expected glibc, vit_jax, '
+                 'both comma-separated, or none')
   if args.smoke:
     args.model, args.batch, args.rounds, args.steps, args.warmup = (
         'digits', 8, 2, 2, 1)
@@ -170,12 +196,11 @@ def _alternate(steps: dict, args) -> tuple[dict, list[dict]]:
   """Times each framework `args.steps` steps per round, in turn."""
   times = {name: common.Timings() for name in steps}
   ceilings = []
-  for name, step in steps.items():
-    for _ in range(args.warmup):
-      step()
+  for step in steps.values():
+    _time(step, args.warmup)
   for round_index in range(args.rounds):
     for name, step in steps.items():
-      times[name].extend(common.time_steps(step, warmup=0, steps=args.steps))
+      times[name].extend(_time(step, args.steps))
     ceilings.append({
         **common.matmul_ceiling(args.ceiling_size, repeats=5),
         'torch_f32_gflops': torch_ceiling(args.ceiling_size, repeats=5)})
@@ -185,6 +210,28 @@ def _alternate(steps: dict, args) -> tuple[dict, list[dict]]:
     print(f'round {round_index + 1}/{args.rounds}: img/s {rates}',
           flush=True)
   return times, ceilings
+
+
+def _time(step, steps: int) -> common.Timings:
+  """`steps` timed calls of a step in this process or in a child."""
+  if isinstance(step, official_style.RemoteStep):
+    return step.time_steps(steps)
+  return common.time_steps(step, warmup=0, steps=steps)
+
+
+def _official_steps(args) -> dict:
+  """The official-style rows, each in its own child process."""
+  steps = {}
+  for memory in common.parse_list(args.official):
+    if memory == 'none':
+      continue
+    for accum in common.parse_list(args.official_accum, int):
+      parts = ['float32'] + ([f'accum{accum}'] if accum > 1 else [])
+      name = f'official-style (JAX pmap, {", ".join(parts)}, {memory} malloc)'
+      steps[name] = official_style.RemoteStep(
+          args.model, args.image_size, args.batch, accum=accum,
+          vit_jax_memory=memory == 'vit_jax')
+  return steps
 
 
 def _our_label(config: dict) -> str:
@@ -210,10 +257,18 @@ def main(argv=None) -> int:
     name = _our_label(config)
     steps[name], flops[name] = jax_train_step(spec, batch, config)
     dtypes[name] = config['dtype']
+  ours_flops = next(iter(flops.values()))
+  remotes = _official_steps(args)
+  for name, remote in remotes.items():
+    steps[name], dtypes[name] = remote, 'float32'
+    # The same model: our count (its own, with XLA's attention, is in the
+    # JSON as a check).
+    flops[name] = ours_flops
   name = 'HF transformers (PyTorch, float32, SDPA)'
   steps[name] = torch_train_step(hf_model(spec), batch)
-  flops[name], dtypes[name] = next(iter(flops.values())), 'float32'
+  flops[name], dtypes[name] = ours_flops, 'float32'
   times, ceilings = _alternate(steps, args)
+  peaks = {name: remote.close() for name, remote in remotes.items()}
   ceiling = {key: float(np.median([c[key] for c in ceilings]))
              for key in ceilings[0]}
   rows = []
@@ -221,9 +276,16 @@ def main(argv=None) -> int:
     rows.append({'framework': name,
                  **common.step_row(name, args.batch, step_times, flops[name],
                                    common.ceiling_for(dtypes[name], ceiling))})
+    if name in remotes:
+      rows[-1].update(peak_rss_mb=peaks[name],
+                      xla_flops=remotes[name].flops,
+                      compile_s=remotes[name].compile_s)
   peer = rows[-1]
+  official = next((row for row in rows if row['framework'] in remotes), None)
   for row in rows:
     row['vs_peer'] = row['images_per_s'] / peer['images_per_s']
+    if official:
+      row['vs_official'] = row['images_per_s'] / official['images_per_s']
     if row['quiet_images_per_s'] and peer['quiet_images_per_s']:
       row['quiet_vs_peer'] = (row['quiet_images_per_s'] /
                               peer['quiet_images_per_s'])

@@ -94,13 +94,23 @@ def test_eval_throughput_smoke(tmp_path):
 def test_peer_throughput_smoke(tmp_path):
   stdout, payload = run_script('peer_throughput.py', tmp_path)
   header = table_header(stdout, 'framework')
-  assert header[:2] == ['framework', 'img/s'] and 'x HF' in header
+  assert header[:2] == ['framework', 'img/s']
+  assert 'x HF' in header and 'x official' in header
   frameworks = [row['framework'] for row in payload['results']]
   assert frameworks[0].startswith('vit_jax')
-  assert frameworks[1].startswith('HF transformers')
+  assert frameworks[1].startswith('official-style') and 'glibc' in (
+      frameworks[1])
+  assert frameworks[2].startswith('HF transformers')
   for row in payload['results']:
     assert row['images_per_s'] > 0 and row['gflops'] > 0
   assert payload['results'][-1]['vs_peer'] == 1.0
+  official = payload['results'][1]
+  assert official['vs_official'] == 1.0
+  # Its own count (XLA's attention) is the same model's: ours within 2%.
+  assert official['xla_flops'] == pytest.approx(official['step_gflop'] * 1e9,
+                                                rel=0.02)
+  # The child's own peak, not the parent's (which holds torch as well).
+  assert 0 < official['peak_rss_mb'] < payload['peak_rss_mb']
   assert payload['ceilings']['torch_f32_gflops'] > 0
 
 

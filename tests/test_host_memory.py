@@ -92,6 +92,20 @@ def test_a_user_preload_is_kept_and_the_cache_added_once():
   assert not host_memory.wants_block_cache(env)
 
 
+@needs_glibc
+def test_without_step_memory_takes_out_only_what_the_restart_added():
+  user = {'LD_PRELOAD': 'libuser.so', 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2',
+          'PATH': '/bin'}
+  restarted = host_memory.restart_env(user) or dict(user)
+  plain = host_memory.without_step_memory(restarted)
+  assert plain == {**user, 'VIT_JAX_HUGE_PAGES': '0',
+                   'VIT_JAX_BLOCK_CACHE': '0'}
+  assert host_memory.restart_env(plain) is None
+  bare = host_memory.without_step_memory(
+      host_memory.restart_env({'PATH': '/bin'}) or {'PATH': '/bin'})
+  assert 'LD_PRELOAD' not in bare and 'GLIBC_TUNABLES' not in bare
+
+
 def test_without_a_compiler_the_restart_skips_the_cache(monkeypatch, tmp_path):
   monkeypatch.setenv('CC', str(tmp_path / 'no-such-compiler'))
   monkeypatch.setenv(native_build.CACHE_ENV, str(tmp_path / 'cache'))

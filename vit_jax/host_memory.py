@@ -71,6 +71,23 @@ def restart_env(env: Mapping[str, str]) -> Optional[dict[str, str]]:
   return None if new == dict(env) else new
 
 
+def without_step_memory(env: Mapping[str, str]) -> dict[str, str]:
+  """`env` for a child that should run as a plain `python` does: huge pages
+  and the block cache taken out, and switched off so it adds neither."""
+  new = dict(env)
+  tunables = [item for item in env.get(TUNABLES, '').split(':')
+              if item and not item.startswith(HUGE_PAGES_TUNABLE + '=')]
+  preloads = [path for path in _preloads(env) if not _is_block_cache(path)]
+  for key, values, separator in ((TUNABLES, tunables, ':'),
+                                 (PRELOAD, preloads, ' ')):
+    if values:
+      new[key] = separator.join(values)
+    else:
+      new.pop(key, None)
+  new[ENV_SWITCH] = new[BLOCK_CACHE_SWITCH] = '0'
+  return new
+
+
 # ---------------------------------------------------------------------------
 # Huge pages.
 
