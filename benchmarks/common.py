@@ -415,6 +415,15 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def with_repo_on_path(env) -> dict[str, str]:
+  """A copy of `env` whose PYTHONPATH starts with this repository, so a
+  child Python imports `benchmarks` and `vit_jax` from here."""
+  env = dict(env)
+  env['PYTHONPATH'] = os.pathsep.join(
+      filter(None, [REPO_ROOT, env.get('PYTHONPATH')]))
+  return env
+
+
 def run_isolated(script: str, args: Sequence[str],
                  timeout_s: float = 3600) -> dict:
   """Runs `script --child_json=PATH args...` in a fresh Python; its JSON.
@@ -427,9 +436,7 @@ def run_isolated(script: str, args: Sequence[str],
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'child.json')
     command = [sys.executable, script, f'--child_json={out}', *args]
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(
-        filter(None, [REPO_ROOT, env.get('PYTHONPATH')]))
+    env = with_repo_on_path(os.environ)
     try:
       proc = subprocess.run(command, capture_output=True, text=True,
                             timeout=timeout_s, env=env, check=False)

@@ -46,6 +46,7 @@ import optax
 
 from benchmarks import common
 from vit_jax import host_memory
+from vit_jax import train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
@@ -142,8 +143,8 @@ def build_model(spec: common.ModelSpec) -> VisionTransformer:
 
 
 def cross_entropy(logits, labels):
-  """Mean softmax cross-entropy against one-hot `labels`."""
-  return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), axis=-1))
+  """Mean softmax cross-entropy against one-hot `labels` (vit_jax's loss)."""
+  return jnp.mean(train.softmax_xent(logits, labels))
 
 
 def accumulated_value_and_grad(loss_fn, params, images, labels, accum: int):
@@ -277,9 +278,7 @@ def _serve(step: LocalStep, requests, replies) -> None:
 def child_env(env, vit_jax_memory: bool) -> dict[str, str]:
   """The child's environment: with vit_jax's malloc settings, or (as a
   plain `python` has) without them."""
-  env = dict(env)
-  env['PYTHONPATH'] = os.pathsep.join(
-      filter(None, [common.REPO_ROOT, env.get('PYTHONPATH')]))
+  env = common.with_repo_on_path(env)
   return env if vit_jax_memory else host_memory.without_step_memory(env)
 
 

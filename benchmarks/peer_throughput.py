@@ -9,9 +9,10 @@ r"""Our train step side by side with the official recipe and HF's PyTorch ViT.
 All three train the same model on the same batch with the same kind of
 optimizer: SGD momentum 0.9, gradient clipping at global norm 1, lr 0.01
 (ours and the official-style step keep the momentum in bfloat16 as the
-official code does; torch.optim.SGD keeps it in float32). The HF peer is `transformers.ViTForImageClassification` with
-SDPA attention, tanh-GELU and LayerNorm epsilon 1e-6 (our numerics), in
-float32 with `torch.set_num_threads(cores)`.
+official code does; torch.optim.SGD keeps it in float32). The HF peer is
+`transformers.ViTForImageClassification` with SDPA attention, tanh-GELU and
+LayerNorm epsilon 1e-6 (our numerics), in float32 with
+`torch.set_num_threads(cores)`.
 
 The second baseline is the official google-research/vision_transformer
 recipe rebuilt from stock Flax (`benchmarks/official_style.py`: Flax's
